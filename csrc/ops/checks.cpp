@@ -1,0 +1,92 @@
+#include "checks.h"
+
+#include <cmath>
+
+namespace hzo {
+
+void check_eps(double eps, const char* op) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be positive and finite, got ", eps);
+}
+
+static int64_t features(const at::Tensor& t) {  // prod of all sizes but the first
+  int64_t n = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+static void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor (float16, bfloat16, float32, float64), got ", t.scalar_type());
+}
+
+static void check_index(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                        const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+void check_perturb_args(const at::Tensor& a, const at::Tensor& colors, const at::Tensor& probe_ids,
+                        double eps) {
+  const char* op = "hzo_ext::perturb";
+  check_eps(eps, op);
+  check_floating(a, op, "a");
+  TORCH_CHECK(a.dim() >= 2, op, ": a must be [B, *S] with at least one feature dimension, got shape ",
+              a.sizes());
+  check_index(colors, a, op, "colors", "a");
+  check_index(probe_ids, a, op, "probe_ids", "a");
+  const int64_t n = features(a);
+  TORCH_CHECK(colors.dim() == 1 && colors.numel() == n, op,
+              ": colors must be 1-D with prod(S) = ", n, " entries for a of shape ", a.sizes(),
+              ", got shape ", colors.sizes());
+  TORCH_CHECK(probe_ids.dim() == 1, op, ": probe_ids must be 1-D [K], got shape ", probe_ids.sizes());
+  if (colors.numel() > 0) {
+    TORCH_CHECK(colors.min().item<int64_t>() >= 0, op, ": colors must be >= 0 (out of range)");
+  }
+  if (probe_ids.numel() > 0) {
+    TORCH_CHECK(probe_ids.min().item<int64_t>() >= 0, op, ": probe_ids must be >= 0 (out of range)");
+  }
+}
+
+int64_t check_contract_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& owner,
+                            double eps, std::optional<int64_t> num_inputs) {
+  const char* op = num_inputs ? "hzo_ext::contract_sized" : "hzo_ext::contract";
+  check_eps(eps, op);
+  check_floating(y, op, "y");
+  TORCH_CHECK(y.dim() >= 4 && y.size(0) == 2, op,
+              ": y must be [2, K, B, *T] (the +eps and -eps outputs), got shape ", y.sizes());
+  TORCH_CHECK(target.device() == y.device(), op, ": target is on ", target.device(), " but y is on ",
+              y.device());
+  TORCH_CHECK(target.scalar_type() == y.scalar_type(), op, ": target dtype ", target.scalar_type(),
+              " does not match y dtype ", y.scalar_type());
+  TORCH_CHECK(target.dim() == y.dim() - 2 && target.sizes() == y.sizes().slice(2), op,
+              ": target must be [B, *T] = ", y.sizes().slice(2), " to match y of shape ", y.sizes(),
+              ", got shape ", target.sizes());
+  check_index(owner, y, op, "owner", "y");
+  const int64_t K = y.size(1);
+  const int64_t Q = features(target);
+  TORCH_CHECK(owner.dim() == 2 && owner.size(0) == K && owner.size(1) == Q, op,
+              ": owner must be [K, prod(T)] = [", K, ", ", Q, "], got shape ", owner.sizes());
+  int64_t lo = -1, hi = -1;
+  if (owner.numel() > 0) {
+    auto [mn, mx] = at::aminmax(owner);
+    lo = mn.item<int64_t>();
+    hi = mx.item<int64_t>();
+  }
+  TORCH_CHECK(lo >= -1, op, ": owner entries must be >= -1 (-1 = ignored), found ", lo, " (out of range)");
+  if (!num_inputs) return hi + 1;
+  TORCH_CHECK(*num_inputs >= 0, op, ": num_inputs must be >= 0, got ", *num_inputs);
+  TORCH_CHECK(hi < *num_inputs, op, ": owner entries must be < num_inputs = ", *num_inputs, ", found ", hi,
+              " (out of range)");
+  return *num_inputs;
+}
+
+OwnerCsr owner_csr(const at::Tensor& owner, int64_t num_inputs) {
+  auto flat = owner.reshape({-1});
+  auto sorted = flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto values = std::get<0>(sorted);
+  auto boundaries = at::arange(num_inputs + 1, flat.options());
+  return {std::get<1>(sorted).contiguous(), at::searchsorted(values, boundaries).contiguous()};
+}
+
+}  // namespace hzo

@@ -1,0 +1,30 @@
+// Argument checks shared by the CPU and CUDA implementations of the hzo_ext ops.
+// Every message names the argument at fault.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace hzo {
+
+void check_eps(double eps, const char* op);
+
+// a [B, *S] floating, colors int64 [prod(S)] >= 0, probe_ids int64 [K] >= 0, same device.
+void check_perturb_args(const at::Tensor& a, const at::Tensor& colors, const at::Tensor& probe_ids,
+                        double eps);
+
+// y [2, K, B, *T] floating, target [B, *T] same dtype, owner int64 [K, prod(T)] in
+// [-1, num_inputs), same device. Returns num_inputs; when not given, max(owner) + 1.
+int64_t check_contract_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& owner,
+                            double eps, std::optional<int64_t> num_inputs);
+
+// The owner map grouped by input coordinate, in (k, q) flat order: entries of coordinate s are
+// perm[offsets[s] .. offsets[s+1]). Device-agnostic (built with ATen on owner's device).
+struct OwnerCsr {
+  at::Tensor perm;     // int64 [K * Q]: flat (k * Q + q) indices, stably sorted by owner
+  at::Tensor offsets;  // int64 [num_inputs + 1]
+};
+OwnerCsr owner_csr(const at::Tensor& owner, int64_t num_inputs);
+
+}  // namespace hzo

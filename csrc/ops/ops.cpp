@@ -1,0 +1,15 @@
+// Schemas of the hzo_ext ops (DESIGN.md "Torch ops"). Kernels: cpu/ and cuda/; fake kernels and
+// autograd formulas: hzo_ext/ops.py; pure-PyTorch reference: hzo_ext/_torch_impl.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(hzo_ext, m) {
+  // [B, *S] -> [2, K, B, *S]: copy k moves every coordinate whose color is probe_ids[k] by +eps
+  // (first half) or -eps (second half).
+  m.def("perturb(Tensor a, Tensor colors, Tensor probe_ids, float eps) -> Tensor");
+  // [2, K, B, *T] -> [B, prod(S)] with prod(S) = max(owner) + 1:
+  // out[b, owner[k,q]] += target[b,q] * (y[0,k,b,q] - y[1,k,b,q]) / (2 eps).
+  m.def("contract(Tensor y, Tensor target, Tensor owner, float eps) -> Tensor");
+  // contract with the number of input coordinates given (trailing coordinates may own no
+  // output; needed for static shapes under torch.compile).
+  m.def("contract_sized(Tensor y, Tensor target, Tensor owner, float eps, int num_inputs) -> Tensor");
+}
