@@ -37,7 +37,7 @@ def _extension():
                   + glob.glob(os.path.join(ROOT, "csrc", "ops", "*.cpp"))
                   + glob.glob(os.path.join(ROOT, "csrc", "ops", "cpu", "*.cpp")))
     defines = [f'-DHZO_BUILD_TORCH_VERSION="{torch.__version__}"']
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]
     if not _want_cuda():
         print(f"hzo_ext: building CPU kernels only ({len(sources)} sources); set FORCE_CUDA=1 for CUDA")
         return cpp_extension.CppExtension("hzo_ext._C", sources, extra_compile_args={"cxx": cxx + defines})
@@ -52,7 +52,7 @@ def _extension():
           f"(CUDA_HOME={cpp_extension.CUDA_HOME}, nvcc {_nvcc_version()})")
     return cpp_extension.CUDAExtension(
         "hzo_ext._C", sources + cuda_sources,
-        extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + defines})
+        extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3", "-lineinfo"] + defines})
 
 
 setup(
