@@ -50,6 +50,9 @@ HZO_HOST_DEVICE Acc contract_term(Acc target, Acc y_plus, Acc y_minus) {
 // acc_row[owner[k, q]] += target_row[q] * (y[0, k, b, q] - y[1, k, b, q]) for owner >= 0,
 // visiting (k, q) in increasing flat order, so the sum order of every output is fixed.
 // acc_row has num_inputs entries, zeroed by the caller, who applies the 1/(2 eps) scale once.
+// Consecutive entries with the same owner (all of a dense probe's outputs, an SPP footprint
+// row) are summed in a register first: a read-modify-write of acc_row per entry would chain
+// every add through store-to-load forwarding.
 template <typename T, typename Acc>
 inline void contract_row(const T* y, const T* target_row, const int64_t* owner, int64_t K, int64_t B,
                          int64_t Q, int64_t b, Acc* acc_row) {
@@ -59,12 +62,21 @@ inline void contract_row(const T* y, const T* target_row, const int64_t* owner, 
     const int64_t* own = owner + k * Q;
     const T* yp = y_plus + (k * B + b) * Q;
     const T* ym = y_minus + (k * B + b) * Q;
+    int64_t run_owner = -1;
+    Acc run = 0;
     for (int64_t q = 0; q < Q; ++q) {
       const int64_t s = own[q];
-      if (s < 0) continue;
-      acc_row[s] += contract_term<Acc>(static_cast<Acc>(target_row[q]), static_cast<Acc>(yp[q]),
-                                       static_cast<Acc>(ym[q]));
+      if (s != run_owner) {
+        if (run_owner >= 0) acc_row[run_owner] += run;
+        run_owner = s;
+        run = 0;
+      }
+      if (s >= 0) {
+        run += contract_term<Acc>(static_cast<Acc>(target_row[q]), static_cast<Acc>(yp[q]),
+                                  static_cast<Acc>(ym[q]));
+      }
     }
+    if (run_owner >= 0) acc_row[run_owner] += run;
   }
 }
 

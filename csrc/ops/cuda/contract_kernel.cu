@@ -29,11 +29,10 @@ __global__ void contract_kernel(const T* __restrict__ y, const T* __restrict__ t
       const int64_t flat = perm[e];
       const int64_t k = flat / Q, q = flat % Q;
       const int64_t at = (k * B + b) * Q + q;
-      acc += contract_term<acc_t>(static_cast<acc_t>(target[b * Q + q]), static_cast<acc_t>(y[at]),
-                                  static_cast<acc_t>(y_minus[at]));
+      acc += contract_term<acc_t>(to_acc(target[b * Q + q]), to_acc(y[at]), to_acc(y_minus[at]));
     }
     for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-    if (lane == 0) out[row] = static_cast<T>(acc * inv_two_eps);
+    if (lane == 0) out[row] = from_acc<T>(acc * inv_two_eps);
   }
 }
 

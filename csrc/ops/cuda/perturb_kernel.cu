@@ -16,8 +16,8 @@ __global__ void perturb_kernel(const T* __restrict__ a, const int64_t* __restric
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const PerturbIndex ix = unravel_perturb(i, K, B, N);
-    const acc_t v = static_cast<acc_t>(a[ix.row * N + ix.coord]);
-    out[i] = static_cast<T>(perturbed_value<acc_t>(v, colors[ix.coord], probe_ids[ix.probe], ix.side, eps));
+    const acc_t v = to_acc(a[ix.row * N + ix.coord]);
+    out[i] = from_acc<T>(perturbed_value<acc_t>(v, colors[ix.coord], probe_ids[ix.probe], ix.side, eps));
   }
 }
 
