@@ -1,0 +1,45 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both set up .venv on first use: torch (the CUDA 13.0 build, which also runs on CPU-only
+# machines), the build and test tools, and hzo_ext built in place.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+BUILD_DEPS := numpy pytest ninja pybind11 cmake setuptools wheel scikit-learn matplotlib tqdm
+# CUDA kernels are built when FORCE_CUDA=1 (CI does) or a GPU and a toolkit are present.
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/lib64),/usr/local/cuda,)
+export MAX_JOBS ?= 2
+
+.PHONY: setup build demo test test-python test-cpp bench clean
+
+setup: $(VENV)/.deps
+
+$(VENV)/.deps:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) $(BUILD_DEPS)
+	touch $@
+
+build: setup
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m hzo_ext info
+
+demo: build
+	$(VENV)/bin/hzo-ext train
+
+test: build test-python test-cpp
+
+# The whole Python suite, then once more on the pure-PyTorch fallback (extension disabled).
+test-python:
+	$(PY) -m pytest -q python_tests
+	HZO_EXT_DISABLE=1 $(PY) -m pytest -q python_tests
+
+test-cpp: setup
+	$(VENV)/bin/cmake -S . -B build/cpp -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja
+	$(VENV)/bin/cmake --build build/cpp
+	cd build/cpp && $(abspath $(VENV))/bin/ctest --output-on-failure
+
+bench: build
+	$(PY) benchmarks/bench_contract.py
+
+clean:
+	rm -rf build dist *.egg-info hzo_ext/_C*.so
