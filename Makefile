@@ -24,7 +24,10 @@ build: setup
 	$(PY) -m hzo_ext info
 
 demo: build
-	$(VENV)/bin/hzo-ext train
+	$(VENV)/bin/hzo-ext train --out runs/demo-hzo
+	$(VENV)/bin/hzo-ext train --out runs/demo-backprop --estimator bp
+	@awk -F, 'END {print "final test accuracy on digits: HZO " $$4}' runs/demo-hzo/metrics.csv
+	@awk -F, 'END {print "final test accuracy on digits: backprop " $$4}' runs/demo-backprop/metrics.csv
 
 test: build test-python test-cpp
 

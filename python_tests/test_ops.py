@@ -132,11 +132,12 @@ needs_ext = pytest.mark.skipif(not hzo_ext.has_extension(), reason="compiled ext
 
 def test_extension_loaded_when_expected():
     # CI sets HZO_EXPECT_EXTENSION=1: a build that silently fell back must fail there.
-    if os.environ.get("HZO_EXPECT_EXTENSION") == "1":
+    if os.environ.get("HZO_EXT_DISABLE") == "1":
+        assert not hzo_ext.has_extension()
+        assert hzo_ext.info()["extension_error"] == "disabled by HZO_EXT_DISABLE"
+    elif os.environ.get("HZO_EXPECT_EXTENSION") == "1":
         assert hzo_ext.has_extension(), hzo_ext.info()["extension_error"]
         assert hzo_ext.info()["built_for"]["torch_version"] == torch.__version__
-    elif os.environ.get("HZO_EXT_DISABLE") == "1":
-        assert not hzo_ext.has_extension()
 
 
 def _opcheck_samples(device, requires_grad):
