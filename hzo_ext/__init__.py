@@ -1,10 +1,16 @@
 """hzo_ext: Hierarchical Zeroth-Order (HZO) gradient estimation for deep networks.
 
-Forward queries only, as a drop-in for ``loss.backward()``; see README.md and DESIGN.md.
+Forward queries only, as a drop-in for ``loss.backward()``; see README.md, DESIGN.md and
+docs/estimator.md.
 """
 from . import ops
 from ._ext import has_extension
+from .baselines import CGE, SPSA, Backprop
+from .estimator import HZO, EstimateStats, Plan, Split, build_plan
 from .info import info
+from .metrics import per_layer_cosine, reference_grads, grads_of
+from .stages import BlackBox, ResidualBlock
 
-__all__ = ["ops", "has_extension", "info"]
+__all__ = ["ops", "has_extension", "info", "HZO", "CGE", "SPSA", "Backprop", "BlackBox", "ResidualBlock",
+           "EstimateStats", "Plan", "Split", "build_plan", "per_layer_cosine", "reference_grads", "grads_of"]
 __version__ = "0.1.0"

@@ -1,0 +1,439 @@
+"""HZO: hierarchical zeroth-order gradient estimation (plan + pure-PyTorch execution).
+
+The plan (the tree of splits, level by level, with probes, queries and predicted memory) is
+built from shapes alone and is inspectable before running (``HZO.plan(x)``); execution walks
+it level by level. All splits of one level are independent: their probes depend only on clean
+activations, only the contraction needs the parent's target. A C++ executor can replace
+``HZO._run_plan`` while sharing ``build_plan``.
+
+Every +-eps perturbation and every Jacobian-target contraction goes through
+``hzo_ext.ops.perturb`` / ``hzo_ext.ops.contract`` (``probe_targets`` below).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import ops
+from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
+                     check_stages_static, run_stage, stage_name)
+
+__all__ = ["HZO", "Plan", "Split", "EstimateStats", "build_plan", "choose_split", "probe_targets"]
+
+
+@dataclass
+class EstimateStats:
+    """Counts of one ``backward`` call.
+
+    fd_layer_evals: queries, one stage applied to one perturbed copy of the batch.
+    probes: +-eps pairs on activations (splits, CGE layers, SPSA directions); loss head excluded.
+    forward_calls: stage invocations from Python (clean forward, batched queries, black-box leaves).
+    loss_evals: per-sample-loss evaluations of one (perturbed) copy of the batch.
+    blackbox_evals: black-box stage runs on perturbed parameter copies (zeroth-order leaves).
+    """
+    fd_layer_evals: int = 0
+    probes: int = 0
+    forward_calls: int = 0
+    loss_evals: int = 0
+    seconds: float = 0.0
+    blackbox_evals: int = 0
+    splits: int = 0
+
+
+# ---- the plan ------------------------------------------------------------------------------
+
+def choose_split(policy, i: int, j: int) -> int:
+    """Split point m of the range (i, j], j - i >= 2, validated i < m < j."""
+    if policy == "bisect":
+        m = j - (j - i) // 2  # the shorter half on the right
+    elif policy == "chain":
+        m = j - 1
+    elif callable(policy):
+        m = policy(i, j)
+        if isinstance(m, bool) or not isinstance(m, int) or not i < m < j:
+            raise ValueError(f"split policy returned m={m!r} for the range ({i}, {j}]; it must be an "
+                             f"int with {i} < m < {j}")
+    else:
+        raise ValueError(f"split must be 'bisect', 'chain' or a callable (i, j) -> m, got {policy!r}")
+    return m
+
+
+@dataclass(frozen=True)
+class Split:
+    """Range (i, j] split at m: the right sub-network f_j o ... o f_{m+1} is probed with
+    ``probes`` +-eps pairs on a_m, costing ``queries`` = 2 * probes * (j - m)."""
+    i: int
+    m: int
+    j: int
+    level: int
+    probes: int
+    queries: int
+    chunks: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The tree of splits for one input shape. ``levels[k]`` are the independent splits of level k."""
+    policy: str
+    batch: int
+    shapes: tuple  # per-sample shape of a_0 .. a_L
+    itemsize: int
+    chunk_size: int | None
+    levels: tuple  # tuple[tuple[Split, ...], ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.shapes) - 1
+
+    @property
+    def splits(self) -> list[Split]:
+        return [s for level in self.levels for s in level]
+
+    @property
+    def fd_layer_evals(self) -> int:
+        return sum(s.queries for s in self.splits)
+
+    @property
+    def probes(self) -> int:
+        return sum(s.probes for s in self.splits)
+
+    @property
+    def loss_evals(self) -> int:
+        return 2 * math.prod(self.shapes[-1])  # the loss head: 2C per-sample loss evaluations
+
+    @property
+    def peak_query_bytes(self) -> int:
+        return max([s.peak_bytes for s in self.splits] + [0])
+
+    def __str__(self) -> str:
+        mib = 1 / 2**20
+        lines = [f"HZO plan: {self.num_stages} stages, split={self.policy}, batch {self.batch}, dense probes, "
+                 f"chunk_size={self.chunk_size}",
+                 f"  loss head: {self.loss_evals // 2} probes, {self.loss_evals} loss evaluations"]
+        for k, level in enumerate(self.levels):
+            lines.append(f"  level {k}: {len(level)} splits, {sum(s.queries for s in level)} queries")
+            for s in level:
+                lines.append(f"    ({s.i}, {s.m}, {s.j}]  probes={s.probes}  queries={s.queries}  "
+                             f"chunks={s.chunks}  peak={s.peak_bytes * mib:.2f} MiB")
+        lines.append(f"  total: {len(self.splits)} splits in {len(self.levels)} levels, {self.probes} probes, "
+                     f"{self.fd_layer_evals} fd_layer_evals, predicted peak query memory "
+                     f"{self.peak_query_bytes * mib:.2f} MiB")
+        return "\n".join(lines)
+
+
+def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chunk_size: int | None = None,
+               itemsize: int = 4) -> Plan:
+    """Plan the splits of a chain with per-sample activation shapes ``shapes`` = [S_0, ..., S_L].
+
+    Predicted peak memory of a split = the query tensors of one chunk: the 2*c*B perturbed
+    copies of a_m plus the largest input+output pair of a stage in the right sub-network
+    (an upper bound; stage-internal temporaries are not counted).
+    """
+    sizes = [math.prod(s) for s in shapes]
+    L = len(shapes) - 1
+    levels, ranges, level = [], [(0, L)], 0
+    while ranges:
+        here, nxt = [], []
+        for i, j in ranges:
+            if j - i < 2:
+                continue
+            m = choose_split(policy, i, j)
+            K = sizes[m]
+            c = K if chunk_size is None else min(K, chunk_size)
+            rows = 2 * c * batch
+            peak = itemsize * rows * (sizes[m] + max(sizes[l - 1] + sizes[l] for l in range(m + 1, j + 1)))
+            here.append(Split(i, m, j, level, K, 2 * K * (j - m), math.ceil(K / c), peak))
+            nxt += [(i, m), (m, j)]
+        if here:
+            levels.append(tuple(here))
+        ranges, level = nxt, level + 1
+    name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
+    return Plan(name, batch, tuple(tuple(s) for s in shapes), itemsize, chunk_size, tuple(levels))
+
+
+# ---- the probe: perturb, run, contract -------------------------------------------------------
+
+def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: torch.Tensor, target: torch.Tensor,
+                  eps: float, chunk_size: int | None) -> torch.Tensor:
+    """``delta = J^T target`` per sample, J = d run_right(a) / d a, by central differences.
+
+    Dense probes over the coordinates of a [B, *S], ``chunk_size`` at a time: the 2c perturbed
+    copies go through ``run_right(z [2cB, *S], copies=2c) -> [2cB, *T]`` in one call and are
+    contracted with target [B, *T] at once. Returns [B, *S].
+    """
+    B, n = a.shape[0], math.prod(a.shape[1:])
+    colors = ops.dense_colors(n, device=a.device)
+    chunk = n if chunk_size is None else chunk_size
+    delta = None
+    for start in range(0, n, chunk):
+        ids = torch.arange(start, min(n, start + chunk), device=a.device)
+        K = ids.numel()
+        copies = ops.perturb(a, colors, ids, eps)  # [2, K, B, *S]
+        out = run_right(copies.reshape(2 * K * B, *a.shape[1:]), 2 * K)
+        y = out.reshape(2, K, B, *out.shape[1:])
+        part = ops.contract(y, target, ops.dense_owner(ids, math.prod(out.shape[1:])), eps, num_inputs=n)
+        delta = part if delta is None else delta + part
+    return delta.reshape(a.shape)
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"non-finite value (inf/nan) in a query: {what}; lower eps or check the model "
+                         f"(overflow in deep or unnormalised stages)")
+
+
+# ---- shared machinery of the stage-wise estimators (HZO, CGE) --------------------------------
+
+class StageEstimator:
+    """Clean forward, loss head and leaves, shared by HZO and CGE."""
+
+    def __init__(self, model, loss_fn, eps: float = 1e-3, chunk_size: int | None = None,
+                 eps_mode: str = "absolute", query_dtype: torch.dtype | None = None, check_samples: bool = True):
+        self.model = model
+        self.stages = as_stages(model)
+        self.loss = LossHead(loss_fn)
+        self.eps = check_eps(eps)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        if eps_mode not in ("absolute", "relative"):
+            raise ValueError(f"eps_mode must be 'absolute' or 'relative', got {eps_mode!r}")
+        self.eps_mode = eps_mode
+        if query_dtype is not None and (not isinstance(query_dtype, torch.dtype) or not query_dtype.is_floating_point):
+            raise TypeError(f"query_dtype must be a floating torch.dtype or None, got {query_dtype!r}")
+        self.query_dtype = query_dtype
+        self.check_samples = check_samples
+        self._dynamic_checked: set = set()
+        self._no_vmap: set = set()  # black-box stages that cannot run under torch.vmap
+        self.last_stats = EstimateStats()
+
+    # -- pieces
+
+    def _step(self, a: torch.Tensor) -> float:
+        """eps for perturbing a: absolute, or eps * rms(a) with eps_mode='relative'."""
+        if self.eps_mode == "absolute":
+            return self.eps
+        rms = a.double().pow(2).mean().sqrt().item()
+        return self.eps * rms if rms > 0 and math.isfinite(rms) else self.eps
+
+    def _prepare(self, x, y):
+        check_batch(x, y, self.stages)
+        check_stages_static(self.stages)
+        self.last_stats = EstimateStats()
+
+    def _clean_forward(self, x: torch.Tensor):
+        """a_0..a_L (detached), and each differentiable stage's output with its local graph
+        (input detached, so the leaf VJP stays inside the stage)."""
+        acts, local = [x.detach()], [None]
+        for l, stage in enumerate(self.stages, start=1):
+            needs_vjp = not isinstance(stage, BlackBox) and any(p.requires_grad for p in stage.parameters())
+            with torch.set_grad_enabled(needs_vjp):
+                out = run_stage(self.stages, l, acts[-1])
+            _check_finite(out, f"{stage_name(self.stages, l)} in the clean forward")
+            acts.append(out.detach())
+            local.append(out if needs_vjp and out.requires_grad else None)
+        self.last_stats.forward_calls += len(self.stages)
+        key = (tuple(x.shape), x.dtype, x.device)
+        if self.check_samples and key not in self._dynamic_checked:
+            check_stages_dynamic(self.stages, acts)
+            self._dynamic_checked.add(key)
+        return acts, local
+
+    def _query_stages(self):
+        """The stages queries run through: the model's, or copies in query_dtype."""
+        if self.query_dtype is None:
+            return self.stages
+        return [copy.deepcopy(s).to(self.query_dtype) for s in self.stages]
+
+    def _qcast(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.query_dtype is None else t.to(self.query_dtype)
+
+    def _run_range(self, qstages, z: torch.Tensor, m: int, j: int) -> torch.Tensor:
+        """f_j o ... o f_{m+1} on a batch of (perturbed) copies."""
+        for l in range(m + 1, j + 1):
+            z = run_stage(self.stages, l, z, module=qstages[l - 1])
+        self.last_stats.forward_calls += j - m
+        return z
+
+    def _check_probe(self, delta: torch.Tensor, qstages, a: torch.Tensor, m: int, j: int, eps: float,
+                     where: str) -> None:
+        """inf/nan in any query reaches the contracted delta (inf - inf, inf * 0 are nan), so only
+        delta is checked; on failure the queries are re-run stage by stage to name the culprit."""
+        if torch.isfinite(delta).all():
+            return
+        n = a[0].numel()
+        chunk = n if self.chunk_size is None else self.chunk_size
+        for start in range(0, n, chunk):
+            ids = torch.arange(start, min(n, start + chunk), device=a.device)
+            z = ops.perturb(a, ops.dense_colors(n, device=a.device), ids, eps).reshape(-1, *a.shape[1:])
+            for l in range(m + 1, j + 1):
+                z = run_stage(self.stages, l, z, module=qstages[l - 1])
+                _check_finite(z, f"{stage_name(self.stages, l)} {where}")
+        _check_finite(delta, f"the contraction {where}")
+
+    def _per_sample_loss(self, y: torch.Tensor, B: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """run_right for probes that end at the loss: logits copies [nB, *T] -> per-sample loss [nB, 1]."""
+        def run(copies: torch.Tensor, n: int) -> torch.Tensor:
+            ys = y.repeat(n, *([1] * (y.dim() - 1)))
+            out = self.loss.per_sample(copies, ys, batch=B)
+            _check_finite(out, "the per-sample loss on perturbed logits (loss head)")
+            self.last_stats.loss_evals += n
+            return out.unsqueeze(1)
+        return run
+
+    def _loss_head(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """delta_L = d loss / d a_L per sample, by central differences of the per-sample loss
+        (the reduction's scale is inside the per-sample loss, so the target is 1)."""
+        z = self._qcast(logits)
+        ones = torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
+        return probe_targets(self._per_sample_loss(y, z.shape[0]), z, ones, self._step(z), self.chunk_size)
+
+    def _leaves(self, acts, local, deltas) -> None:
+        """Weight gradients: local VJP of each stage with grad_output delta_l, or finite
+        differences on a black-box stage's own parameters; accumulated into p.grad."""
+        for l, stage in enumerate(self.stages, start=1):
+            params = [p for p in stage.parameters() if p.requires_grad]
+            if not params:
+                continue
+            if isinstance(stage, BlackBox):
+                grads = self._blackbox_grads(l, acts[l - 1], deltas[l])
+            elif local[l] is None:
+                continue  # the stage's output does not depend on its parameters
+            else:
+                grads = torch.autograd.grad(local[l], params, grad_outputs=deltas[l].to(local[l].dtype),
+                                            allow_unused=True)
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                g = g.to(p.dtype)
+                p.grad = g.clone() if p.grad is None else p.grad + g
+
+    def _run_on_param_copies(self, stage, named, copies: torch.Tensor, a_in: torch.Tensor) -> torch.Tensor:
+        """The stage on a_in once per parameter vector in copies [N, P] -> [N, B, *T]. Vectorised
+        with torch.func.vmap when the stage allows it (no autograd involved), else one call each."""
+        sizes = [p.numel() for _, p in named]
+
+        def call(w: torch.Tensor) -> torch.Tensor:
+            params = {n: t.view_as(p) for (n, p), t in zip(named, torch.split(w, sizes))}
+            return torch.func.functional_call(stage, params, (a_in,))
+
+        if id(stage) not in self._no_vmap:
+            try:
+                out = torch.vmap(call)(copies)
+                self.last_stats.forward_calls += 1
+                return out
+            except Exception:  # data-dependent or non-torch code (numpy, hardware): plain loop
+                self._no_vmap.add(id(stage))
+        out = torch.stack([call(w) for w in copies])
+        self.last_stats.forward_calls += copies.shape[0]
+        return out
+
+    @torch.no_grad()
+    def _blackbox_grads(self, l: int, a_in: torch.Tensor, delta: torch.Tensor) -> list[torch.Tensor]:
+        """Central differences on the black box's own parameters, contracted with delta_l:
+        g_k = sum_b <delta_l[b], f(a; w + eps e_k)[b] - f(a; w - eps e_k)[b]> / (2 eps)."""
+        stage = self.stages[l - 1]
+        named = [(n, p) for n, p in stage.named_parameters() if p.requires_grad]
+        flat = torch.cat([p.detach().reshape(-1) for _, p in named]).unsqueeze(0)  # [1, P]
+        P = flat.shape[1]
+        eps = stage.eps if stage.eps is not None else self._step(flat)
+        colors = ops.dense_colors(P, device=flat.device)
+        chunk = P if self.chunk_size is None else self.chunk_size
+        total = torch.zeros(P, dtype=flat.dtype, device=flat.device)
+        for start in range(0, P, chunk):
+            ids = torch.arange(start, min(P, start + chunk), device=flat.device)
+            K = ids.numel()
+            copies = ops.perturb(flat, colors, ids, eps).reshape(2 * K, P)
+            out = self._run_on_param_copies(stage, named, copies, a_in)  # [2K, B, *T]
+            _check_finite(out, f"{stage_name(self.stages, l)} on perturbed parameters (black-box leaf)")
+            y = out.reshape(2, K, *out.shape[1:])
+            owner = ops.dense_owner(ids, math.prod(y.shape[3:]))
+            total += ops.contract(y, delta.to(y.dtype), owner, eps, num_inputs=P).sum(0)
+            self.last_stats.blackbox_evals += 2 * K
+        return [g.view_as(p) for g, (_, p) in zip(torch.split(total, [p.numel() for _, p in named]), named)]
+
+
+# ---- HZO -----------------------------------------------------------------------------------
+
+class HZO(StageEstimator):
+    """Hierarchical zeroth-order gradient estimator; ``backward(x, y)`` fills ``p.grad`` like autograd.
+
+    Args:
+        model: ``nn.Sequential`` (children are stages) or a list of modules.
+        loss_fn: a torch loss module (any reduction) or a callable returning per-sample losses.
+        eps: finite-difference step (absolute, or relative to rms(a_m) with eps_mode='relative').
+        split: 'bisect' (m = j - (j-i)//2), 'chain' (m = j - 1) or a callable (i, j) -> m.
+        chunk_size: at most this many probes per batched query (bounds peak memory; see plan()).
+        spp: 'auto' or True (coloring where known) or False (dense). Only dense probing is
+            implemented so far; 'auto' falls back to dense.
+        eps_mode: 'absolute' or 'relative' (eps * rms of the perturbed activation, per split).
+        query_dtype: run the probed sub-networks on copies of the stages in this dtype (e.g.
+            torch.float64 for a float32 model).
+        check_samples: run the one-time dynamic check (determinism, no in-batch mixing).
+    """
+
+    def __init__(self, model, loss_fn, eps: float = 1e-3, split="bisect", chunk_size: int | None = None,
+                 spp="auto", eps_mode: str = "absolute", query_dtype: torch.dtype | None = None,
+                 check_samples: bool = True):
+        super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples)
+        if split not in ("bisect", "chain") and not callable(split):
+            raise ValueError(f"split must be 'bisect', 'chain' or a callable (i, j) -> m, got {split!r}")
+        if spp not in ("auto", True, False):
+            raise ValueError(f"spp must be 'auto', True or False, got {spp!r}")
+        if spp is True:
+            raise NotImplementedError("spp=True (colored probes) is not implemented yet; use 'auto' or False")
+        self.split = split
+        self.spp = spp
+
+    @torch.no_grad()
+    def plan(self, x: torch.Tensor) -> Plan:
+        """The tree of splits for input x, before running anything but a clean forward for shapes."""
+        check_batch(x, None, self.stages)
+        a, shapes = x, [tuple(x.shape[1:])]
+        for l in range(1, len(self.stages) + 1):
+            a = run_stage(self.stages, l, a)
+            shapes.append(tuple(a.shape[1:]))
+        itemsize = (self.query_dtype or x.dtype).itemsize
+        return build_plan(shapes, x.shape[0], self.split, self.chunk_size, itemsize)
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        self._prepare(x, y)
+        acts, local = self._clean_forward(x)
+        plan = build_plan([tuple(a.shape[1:]) for a in acts], x.shape[0], self.split, self.chunk_size,
+                          (self.query_dtype or x.dtype).itemsize)
+        loss = self.loss.check_reproduces(acts[-1], y)
+        deltas = self._run_plan(plan, acts, y)
+        self._leaves(acts, local, deltas)
+        self.last_stats.seconds = time.perf_counter() - t0
+        return loss.detach()
+
+    @torch.no_grad()
+    def _run_plan(self, plan: Plan, acts, y) -> dict[int, torch.Tensor]:
+        """Targets delta_l for every stage: the loss head, then the splits level by level."""
+        L = len(self.stages)
+        deltas = {L: self._loss_head(acts[L], y)}
+        qstages = self._query_stages()
+        for level in plan.levels:
+            for s in level:  # independent: each needs only clean activations and delta_j
+                deltas[s.m] = self._probe_split(qstages, s, acts[s.m], deltas[s.j])
+        return deltas
+
+    def _probe_split(self, qstages, s: Split, a_m: torch.Tensor, delta_j: torch.Tensor) -> torch.Tensor:
+        """delta_m = J^T delta_j for the right sub-network f_j o ... o f_{m+1} of split s."""
+        a, eps = self._qcast(a_m), self._step(a_m)
+        delta = probe_targets(lambda z, n: self._run_range(qstages, z, s.m, s.j), a, self._qcast(delta_j),
+                              eps, self.chunk_size)
+        self._check_probe(delta, qstages, a, s.m, s.j, eps,
+                          f"while probing split ({s.i}, {s.m}, {s.j}] (perturbed a_{s.m})")
+        self.last_stats.fd_layer_evals += s.queries
+        self.last_stats.probes += s.probes
+        self.last_stats.splits += 1
+        return delta

@@ -1,0 +1,249 @@
+"""Model normalisation for the estimators: stages, their validation, and the per-sample loss.
+
+A model is a chain of *stages* ``a_l = f_l(a_{l-1})``: the children of an ``nn.Sequential``
+or the elements of a list. ``ResidualBlock`` makes a skip connection one stage;
+``BlackBox`` marks a non-differentiable stage (its weights get a zeroth-order leaf).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ResidualBlock", "BlackBox", "as_stages", "stage_name", "check_stages_static",
+           "check_stages_dynamic", "run_stage", "LossHead", "check_eps"]
+
+
+class ResidualBlock(nn.Module):
+    """``x + module(x)``: a residual block, skip included, is one stage."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.module(x)
+
+
+class BlackBox(nn.Module):
+    """Marks a non-differentiable stage (quantised, noisy or simulated hardware).
+
+    The estimators never run autograd through it: its inputs' targets come from the usual
+    finite-difference splits, and its own parameters get central finite differences
+    contracted with the stage's target. ``eps`` (default: the estimator's) is the step on
+    its parameters; pick it larger than the stage's quantisation step.
+    """
+
+    def __init__(self, module: nn.Module, eps: float | None = None):
+        super().__init__()
+        if eps is not None:
+            check_eps(eps, "BlackBox eps")
+        self.module = module
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def check_eps(eps, what: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{what} must be a positive finite number, got {eps!r}")
+    return float(eps)
+
+
+def as_stages(model) -> list[nn.Module]:
+    """The stages of ``model``: an ``nn.Sequential``'s children or a list/tuple of modules."""
+    if isinstance(model, nn.Sequential):
+        stages = list(model.children())
+    elif isinstance(model, (list, tuple, nn.ModuleList)):
+        stages = list(model)
+    else:
+        raise TypeError(
+            f"model must be an nn.Sequential or a list of modules (a chain of stages), got "
+            f"{type(model).__name__}; wrap a non-chain model's parts as stages, e.g. "
+            f"hzo_ext.ResidualBlock(module) for a skip connection")
+    if not stages:
+        raise ValueError("model has no stages")
+    for l, s in enumerate(stages, start=1):
+        if not isinstance(s, nn.Module):
+            raise TypeError(f"stage {l} is a {type(s).__name__}, not an nn.Module")
+    return stages
+
+
+def stage_name(stages: Sequence[nn.Module], l: int) -> str:
+    """Human-readable name of stage l (1-based, as in a_l = f_l(a_{l-1}))."""
+    return f"stage {l} ({type(stages[l - 1]).__name__})"
+
+
+# Module types that mix the samples of a batch (or draw fresh randomness per call) in
+# training mode; either breaks per-sample finite differences.
+_BATCH_MIXING = (nn.modules.batchnorm._BatchNorm,)
+_STOCHASTIC = (nn.modules.dropout._DropoutNd,)
+_SEQUENCE_MIXING = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+                    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase)
+
+
+def check_stages_static(stages: Sequence[nn.Module]) -> None:
+    """Refuse module types known to break the method, naming stage and submodule."""
+    for l, stage in enumerate(stages, start=1):
+        for name, mod in stage.named_modules():
+            where = f"{stage_name(stages, l)}{', submodule ' + repr(name) if name else ''}"
+            if isinstance(mod, _BATCH_MIXING) and mod.training:
+                raise ValueError(
+                    f"{where}: {type(mod).__name__} in training mode mixes the samples of a batch; "
+                    f"call .eval() on it (running statistics) or use a per-sample norm (LayerNorm, GroupNorm)")
+            if isinstance(mod, _STOCHASTIC) and mod.training and mod.p > 0:
+                raise ValueError(
+                    f"{where}: {type(mod).__name__} in training mode draws a new mask per query, so the "
+                    f"+eps and -eps copies see different networks; call .eval() on it or remove it")
+            if isinstance(mod, _SEQUENCE_MIXING):
+                raise ValueError(
+                    f"{where}: {type(mod).__name__} is not supported (its batch layout depends on "
+                    f"batch_first and the perturbed copies are stacked along dim 0)")
+
+
+def run_stage(stages: Sequence[nn.Module], l: int, a: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+    """Apply stage l to a, turning failures and non-tensor outputs into errors that name it."""
+    stage = stages[l - 1] if module is None else module
+    try:
+        out = stage(a)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"{stage_name(stages, l)} failed on an input of shape {tuple(a.shape)} "
+                         f"and dtype {a.dtype}: {exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{stage_name(stages, l)} returned a {type(out).__name__}; every stage must "
+                        f"return one tensor [B, ...] (split tuple outputs into separate stages)")
+    if out.dim() < 2 or out.shape[0] != a.shape[0]:
+        raise ValueError(f"{stage_name(stages, l)} maps a batch of {a.shape[0]} to shape "
+                         f"{tuple(out.shape)}; stages must keep the batch dimension first and "
+                         f"have at least one feature dimension")
+    return out
+
+
+@torch.no_grad()
+def check_stages_dynamic(stages: Sequence[nn.Module], acts: Sequence[torch.Tensor]) -> None:
+    """One-time check on real activations: each stage is deterministic and moving sample 0
+    leaves the other samples' outputs unchanged (no hidden in-batch mixing)."""
+    for l in range(1, len(stages) + 1):
+        a, out = acts[l - 1], acts[l]
+        again = stages[l - 1](a)
+        if not torch.equal(again, out) and not torch.allclose(again, out, rtol=1e-6, atol=0):
+            raise ValueError(f"{stage_name(stages, l)} is not deterministic: two evaluations of the same "
+                             f"input differ, so finite differences through it are noise "
+                             f"(fix its seed or call .eval())")
+        if a.shape[0] < 2:
+            continue
+        moved = a.clone()
+        moved[0] += 0.5 * (a[0].abs().max() + 1.0)
+        others = stages[l - 1](moved)[1:]
+        scale = out[1:].abs().max().item() + 1e-30
+        if (others - out[1:]).abs().max().item() > 1e-5 * scale:
+            raise ValueError(f"{stage_name(stages, l)} mixes samples: changing sample 0 changed the outputs "
+                             f"of other samples; stages must treat samples independently")
+
+
+# ---- the loss, evaluated per sample ------------------------------------------------------
+
+_CLASS_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+class LossHead:
+    """The loss as a sum of scaled per-sample terms: ``loss = sum_b per_sample(z, y)[b]``.
+
+    A standard torch loss module is evaluated with ``reduction='none'`` and each sample's
+    terms summed; the reduction's scale is reproduced (1 for 'sum'; for 'mean' 1/numel of
+    the unreduced loss, or 1/sum of target class weights for CrossEntropy/NLL with weights
+    or ignore_index; 1/B for KLDiv 'batchmean'). A plain callable must return per-sample
+    losses [B]; the objective is their mean.
+    """
+
+    def __init__(self, loss_fn):
+        if isinstance(loss_fn, nn.modules.loss._Loss):
+            if not hasattr(loss_fn, "reduction"):
+                raise TypeError(f"{type(loss_fn).__name__} has no 'reduction' attribute")
+            self.reduced = loss_fn
+            self.unreduced = copy.copy(loss_fn)
+            self.unreduced.reduction = "none"
+            self.reduction = loss_fn.reduction
+        elif callable(loss_fn):
+            self.reduced = None
+            self.unreduced = loss_fn
+            self.reduction = "per-sample mean"
+        else:
+            raise TypeError(f"loss_fn must be a torch loss module or a callable returning per-sample "
+                            f"losses, got {type(loss_fn).__name__}")
+        self._checked = False
+
+    def _scale(self, raw: torch.Tensor, y: torch.Tensor) -> float | torch.Tensor:
+        B = raw.shape[0]
+        if self.reduced is None or self.reduction == "sum":
+            return 1.0 / B if self.reduced is None else 1.0
+        if self.reduction == "none":
+            raise ValueError(f"{type(self.reduced).__name__}(reduction='none') returns no scalar loss; "
+                             f"use 'mean' or 'sum', or pass a callable returning per-sample losses")
+        if self.reduction == "batchmean":
+            return 1.0 / B
+        if self.reduction != "mean":
+            raise ValueError(f"unsupported reduction {self.reduction!r}")
+        if isinstance(self.reduced, _CLASS_INDEX_LOSSES) and y.dtype in (torch.int64, torch.int32):
+            w = self.reduced.weight
+            keep = (y != self.reduced.ignore_index)
+            wy = keep.to(raw.dtype) if w is None else w.to(raw.dtype)[y.clamp(min=0)] * keep
+            return 1.0 / wy.sum()
+        return 1.0 / raw.numel()
+
+    def per_sample(self, z: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        """Scaled per-sample losses [N] for logits z [N, ...] and targets y [N, ...]; the scale
+        comes from the first ``batch`` rows (the real batch) when copies are stacked."""
+        raw = self.unreduced(z, y)
+        if not isinstance(raw, torch.Tensor) or raw.dim() == 0 or raw.shape[0] != z.shape[0]:
+            shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+            raise ValueError(f"the loss must give one value per sample ([{z.shape[0]}, ...]), got {shape}; "
+                             f"pass a torch loss module or a callable returning per-sample losses")
+        n = batch or z.shape[0]
+        scale = self._scale(raw[:n], y[:n])
+        return raw.reshape(raw.shape[0], -1).sum(1) * scale
+
+    def total(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss as the user's loss_fn defines it (0-dim)."""
+        if self.reduced is not None:
+            return self.reduced(z, y)
+        return self.per_sample(z, y).sum()
+
+    @torch.no_grad()
+    def check_reproduces(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Refuse clearly when sum of per-sample terms does not reproduce the reduced loss."""
+        total = self.total(z, y)
+        if self.reduced is not None and not self._checked:
+            mine = self.per_sample(z, y).sum()
+            if not torch.allclose(mine.to(total.dtype), total, rtol=1e-4, atol=1e-6 * (1 + total.abs().item())):
+                raise ValueError(f"cannot reproduce {type(self.reduced).__name__}(reduction={self.reduction!r}) "
+                                 f"as a sum of per-sample losses ({mine.item():.6g} vs {total.item():.6g}); "
+                                 f"pass a callable returning per-sample losses instead")
+            self._checked = True
+        return total
+
+
+def check_batch(x, y, stages: Sequence[nn.Module]) -> None:
+    """Shapes and dtypes the estimators accept: x [B, ...] floating, y (unless None) with the same B."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, (torch.Tensor, type(None))):
+        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, ...] with a feature dimension, got shape {tuple(x.shape)}")
+    if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"y must have the batch size of x ({x.shape[0]}) first, got shape {tuple(y.shape)}")
+    for l, stage in enumerate(stages, start=1):
+        for name, p in stage.named_parameters():
+            if p.is_floating_point() and p.dtype != x.dtype:
+                raise TypeError(f"x is {x.dtype} but {stage_name(stages, l)} parameter {name!r} is "
+                                f"{p.dtype}; convert the model or the input")
+            if p.device != x.device:
+                raise ValueError(f"x is on {x.device} but {stage_name(stages, l)} parameter {name!r} "
+                                 f"is on {p.device}")
+            break
+
