@@ -1,4 +1,4 @@
-"""The ``hzo-ext`` command (also ``python -m hzo_ext``): train, info."""
+"""The ``hzo-ext`` command (also ``python -m hzo_ext``): train, bench, cosine, info."""
 from __future__ import annotations
 
 import argparse
@@ -50,11 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build diagnostics: torch/CUDA versions, kernels present")
     _train_parser(sub)
+    from . import bench, cosine_study
+    bench.add_arguments(sub.add_parser("bench", help="time and queries against depth: HZO, CGE, SPSA, backprop"))
+    cosine_study.add_arguments(sub.add_parser("cosine", help="per-layer cosine against depth, activation, dtype"))
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             from .info import format_info
             print(format_info())
+            return 0
+        if args.command == "bench":
+            from .bench import run
+            run(args)
+            return 0
+        if args.command == "cosine":
+            from .cosine_study import run
+            run(args)
             return 0
         return _run_train(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, exit code 2, no traceback

@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from . import ops
+from . import ops, spp as spp_geometry
 from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
                      check_stages_static, run_stage, stage_name)
 
@@ -75,6 +76,7 @@ class Split:
     queries: int
     chunks: int
     peak_bytes: int
+    dense: bool = True  # False: SPP, each probe moves every coordinate of one color
 
 
 @dataclass(frozen=True)
@@ -113,13 +115,14 @@ class Plan:
 
     def __str__(self) -> str:
         mib = 1 / 2**20
-        lines = [f"HZO plan: {self.num_stages} stages, split={self.policy}, batch {self.batch}, dense probes, "
+        lines = [f"HZO plan: {self.num_stages} stages, split={self.policy}, batch {self.batch}, "
                  f"chunk_size={self.chunk_size}",
                  f"  loss head: {self.loss_evals // 2} probes, {self.loss_evals} loss evaluations"]
         for k, level in enumerate(self.levels):
             lines.append(f"  level {k}: {len(level)} splits, {sum(s.queries for s in level)} queries")
             for s in level:
-                lines.append(f"    ({s.i}, {s.m}, {s.j}]  probes={s.probes}  queries={s.queries}  "
+                lines.append(f"    ({s.i}, {s.m}, {s.j}]  {'dense' if s.dense else 'SPP'} probes={s.probes}  "
+                             f"queries={s.queries}  "
                              f"chunks={s.chunks}  peak={s.peak_bytes * mib:.2f} MiB")
         lines.append(f"  total: {len(self.splits)} splits in {len(self.levels)} levels, {self.probes} probes, "
                      f"{self.fd_layer_evals} fd_layer_evals, predicted peak query memory "
@@ -128,8 +131,11 @@ class Plan:
 
 
 def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chunk_size: int | None = None,
-               itemsize: int = 4) -> Plan:
+               itemsize: int = 4, probes: Callable[[int, int], int] | None = None) -> Plan:
     """Plan the splits of a chain with per-sample activation shapes ``shapes`` = [S_0, ..., S_L].
+
+    ``probes(m, j)``: the number of probes of split (m, j] (an SPP coloring's colors);
+    default dense, prod(S_m).
 
     Predicted peak memory of a split = the query tensors of one chunk: the 2*c*B perturbed
     copies of a_m plus the largest input+output pair of a stage in the right sub-network
@@ -144,11 +150,11 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
             if j - i < 2:
                 continue
             m = choose_split(policy, i, j)
-            K = sizes[m]
+            K = sizes[m] if probes is None else probes(m, j)
             c = K if chunk_size is None else min(K, chunk_size)
             rows = 2 * c * batch
             peak = itemsize * rows * (sizes[m] + max(sizes[l - 1] + sizes[l] for l in range(m + 1, j + 1)))
-            here.append(Split(i, m, j, level, K, 2 * K * (j - m), math.ceil(K / c), peak))
+            here.append(Split(i, m, j, level, K, 2 * K * (j - m), math.ceil(K / c), peak, K == sizes[m]))
             nxt += [(i, m), (m, j)]
         if here:
             levels.append(tuple(here))
@@ -160,24 +166,26 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
 # ---- the probe: perturb, run, contract -------------------------------------------------------
 
 def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: torch.Tensor, target: torch.Tensor,
-                  eps: float, chunk_size: int | None) -> torch.Tensor:
+                  eps: float, chunk_size: int | None, coloring=None) -> torch.Tensor:
     """``delta = J^T target`` per sample, J = d run_right(a) / d a, by central differences.
 
-    Dense probes over the coordinates of a [B, *S], ``chunk_size`` at a time: the 2c perturbed
-    copies go through ``run_right(z [2cB, *S], copies=2c) -> [2cB, *T]`` in one call and are
-    contracted with target [B, *T] at once. Returns [B, *S].
+    One probe per color of ``coloring`` (default dense: one per coordinate of a [B, *S]; or an
+    ``spp.SpatialColoring``), ``chunk_size`` at a time: the 2c perturbed copies go through
+    ``run_right(z [2cB, *S], copies=2c) -> [2cB, *T]`` in one call and are contracted with
+    target [B, *T] through the coloring's owner map at once. Returns [B, *S].
     """
     B, n = a.shape[0], math.prod(a.shape[1:])
-    colors = ops.dense_colors(n, device=a.device)
-    chunk = n if chunk_size is None else chunk_size
+    coloring = coloring or spp_geometry.DenseColoring(n)
+    colors, num_probes = coloring.colors(a.device), coloring.num_colors
+    chunk = num_probes if chunk_size is None else chunk_size
     delta = None
-    for start in range(0, n, chunk):
-        ids = torch.arange(start, min(n, start + chunk), device=a.device)
+    for start in range(0, num_probes, chunk):
+        ids = torch.arange(start, min(num_probes, start + chunk), device=a.device)
         K = ids.numel()
         copies = ops.perturb(a, colors, ids, eps)  # [2, K, B, *S]
         out = run_right(copies.reshape(2 * K * B, *a.shape[1:]), 2 * K)
         y = out.reshape(2, K, B, *out.shape[1:])
-        part = ops.contract(y, target, ops.dense_owner(ids, math.prod(out.shape[1:])), eps, num_inputs=n)
+        part = ops.contract(y, target, coloring.owner(ids, math.prod(out.shape[1:])), eps, num_inputs=n)
         delta = part if delta is None else delta + part
     return delta.reshape(a.shape)
 
@@ -263,16 +271,17 @@ class StageEstimator:
         return z
 
     def _check_probe(self, delta: torch.Tensor, qstages, a: torch.Tensor, m: int, j: int, eps: float,
-                     where: str) -> None:
+                     where: str, coloring=None) -> None:
         """inf/nan in any query reaches the contracted delta (inf - inf, inf * 0 are nan), so only
         delta is checked; on failure the queries are re-run stage by stage to name the culprit."""
         if torch.isfinite(delta).all():
             return
-        n = a[0].numel()
+        coloring = coloring or spp_geometry.DenseColoring(a[0].numel())
+        n = coloring.num_colors
         chunk = n if self.chunk_size is None else self.chunk_size
         for start in range(0, n, chunk):
             ids = torch.arange(start, min(n, start + chunk), device=a.device)
-            z = ops.perturb(a, ops.dense_colors(n, device=a.device), ids, eps).reshape(-1, *a.shape[1:])
+            z = ops.perturb(a, coloring.colors(a.device), ids, eps).reshape(-1, *a.shape[1:])
             for l in range(m + 1, j + 1):
                 z = run_stage(self.stages, l, z, module=qstages[l - 1])
                 _check_finite(z, f"{stage_name(self.stages, l)} {where}")
@@ -371,8 +380,10 @@ class HZO(StageEstimator):
         eps: finite-difference step (absolute, or relative to rms(a_m) with eps_mode='relative').
         split: 'bisect' (m = j - (j-i)//2), 'chain' (m = j - 1) or a callable (i, j) -> m.
         chunk_size: at most this many probes per batched query (bounds peak memory; see plan()).
-        spp: 'auto' or True (coloring where known) or False (dense). Only dense probing is
-            implemented so far; 'auto' falls back to dense.
+        spp: 'auto': a split whose a_m is spatial ([C, *spatial]) and whose right sub-network has
+            a known footprint (``hzo_ext.spp``) is probed with the SPP coloring when that needs
+            fewer probes; else densely, with one warning per module that blocks it. True: every
+            split colored, or a ValueError saying why not. False: dense.
         eps_mode: 'absolute' or 'relative' (eps * rms of the perturbed activation, per split).
         query_dtype: run the probed sub-networks on copies of the stages in this dtype (e.g.
             torch.float64 for a float32 model).
@@ -387,10 +398,39 @@ class HZO(StageEstimator):
             raise ValueError(f"split must be 'bisect', 'chain' or a callable (i, j) -> m, got {split!r}")
         if spp not in ("auto", True, False):
             raise ValueError(f"spp must be 'auto', True or False, got {spp!r}")
-        if spp is True:
-            raise NotImplementedError("spp=True (colored probes) is not implemented yet; use 'auto' or False")
         self.split = split
         self.spp = spp
+        self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
+        self._spp_warned: set = set()
+
+    def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
+        """The one place deciding how split (m, j] is probed: SPP coloring or dense (see ``spp``)."""
+        key = (m, j, tuple(shapes[m]), tuple(shapes[j]))
+        if key in self._colorings:
+            return self._colorings[key]
+        dense = spp_geometry.DenseColoring(math.prod(shapes[m]))
+        chosen = dense
+        if self.spp is True or (self.spp == "auto" and len(shapes[m]) >= 2):
+            names = [stage_name(self.stages, l) for l in range(m + 1, j + 1)]
+            try:
+                colored = spp_geometry.coloring_for(self.stages[m:j], shapes[m], shapes[j], names)
+            except spp_geometry.NoFootprint as why:
+                if self.spp is True:
+                    raise ValueError(f"spp=True: split at a_{m} (right sub-network stages {m + 1}..{j}) cannot be "
+                                     f"colored: {why}; use spp='auto' to probe such splits densely") from None
+                if why.where not in self._spp_warned:
+                    self._spp_warned.add(why.where)
+                    warnings.warn(f"SPP: {why}; right sub-networks containing it are probed densely",
+                                  stacklevel=6)  # the caller of backward() / plan()
+            else:
+                if self.spp is True or colored.num_colors < dense.num_colors:
+                    chosen = colored
+        self._colorings[key] = chosen
+        return chosen
+
+    def _build_plan(self, shapes, batch: int, itemsize: int) -> Plan:
+        return build_plan(shapes, batch, self.split, self.chunk_size, itemsize,
+                          probes=lambda m, j: self._split_coloring(m, j, shapes).num_colors)
 
     @torch.no_grad()
     def plan(self, x: torch.Tensor) -> Plan:
@@ -400,15 +440,14 @@ class HZO(StageEstimator):
         for l in range(1, len(self.stages) + 1):
             a = run_stage(self.stages, l, a)
             shapes.append(tuple(a.shape[1:]))
-        itemsize = (self.query_dtype or x.dtype).itemsize
-        return build_plan(shapes, x.shape[0], self.split, self.chunk_size, itemsize)
+        return self._build_plan(shapes, x.shape[0], (self.query_dtype or x.dtype).itemsize)
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         self._prepare(x, y)
         acts, local = self._clean_forward(x)
-        plan = build_plan([tuple(a.shape[1:]) for a in acts], x.shape[0], self.split, self.chunk_size,
-                          (self.query_dtype or x.dtype).itemsize)
+        plan = self._build_plan([tuple(a.shape[1:]) for a in acts], x.shape[0],
+                                (self.query_dtype or x.dtype).itemsize)
         loss = self.loss.check_reproduces(acts[-1], y)
         deltas = self._run_plan(plan, acts, y)
         self._leaves(acts, local, deltas)
@@ -423,16 +462,17 @@ class HZO(StageEstimator):
         qstages = self._query_stages()
         for level in plan.levels:
             for s in level:  # independent: each needs only clean activations and delta_j
-                deltas[s.m] = self._probe_split(qstages, s, acts[s.m], deltas[s.j])
+                deltas[s.m] = self._probe_split(qstages, s, acts[s.m], deltas[s.j], plan.shapes)
         return deltas
 
-    def _probe_split(self, qstages, s: Split, a_m: torch.Tensor, delta_j: torch.Tensor) -> torch.Tensor:
+    def _probe_split(self, qstages, s: Split, a_m: torch.Tensor, delta_j: torch.Tensor, shapes) -> torch.Tensor:
         """delta_m = J^T delta_j for the right sub-network f_j o ... o f_{m+1} of split s."""
         a, eps = self._qcast(a_m), self._step(a_m)
+        coloring = self._split_coloring(s.m, s.j, shapes)
         delta = probe_targets(lambda z, n: self._run_range(qstages, z, s.m, s.j), a, self._qcast(delta_j),
-                              eps, self.chunk_size)
+                              eps, self.chunk_size, coloring)
         self._check_probe(delta, qstages, a, s.m, s.j, eps,
-                          f"while probing split ({s.i}, {s.m}, {s.j}] (perturbed a_{s.m})")
+                          f"while probing split ({s.i}, {s.m}, {s.j}] (perturbed a_{s.m})", coloring)
         self.last_stats.fd_layer_evals += s.queries
         self.last_stats.probes += s.probes
         self.last_stats.splits += 1

@@ -61,3 +61,26 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert [r["test_acc"] for r in a["history"]] == [r["test_acc"] for r in b["history"]]
     for name in ("metrics.csv", "loss.png", "accuracy.png"):
         assert os.path.getsize(os.path.join(killed, name)) > 0
+
+
+def test_bench_quick_counts_match_the_exact_recursion(tmp_path):
+    import csv
+    out = tmp_path / "depth.csv"
+    result = hzo_ext("bench", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert {r["method"] for r in rows} == {"hzo-bisect", "hzo-chain", "cge", "spsa", "backprop"}
+    for r in rows:
+        assert r["fd_layer_evals"] == r["predicted_fd_layer_evals"], r
+    assert (tmp_path / "depth.png").stat().st_size > 0
+
+
+def test_cosine_quick_float64_is_exact(tmp_path):
+    import csv
+    out = tmp_path / "cos.csv"
+    result = hzo_ext("cosine", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 * 2 * 3 * 3
+    assert min(float(r["min_layer_cosine"]) for r in rows if r["dtype"] == "float64") >= 0.9999
+    assert (tmp_path / "cos.png").stat().st_size > 0

@@ -1,0 +1,293 @@
+"""Spatial Parallel Perturbation (SPP): footprint geometry of conv sub-networks and the coloring.
+
+For a right sub-network F with input [C, *S] and output [C', *T] (S, T spatial), the
+*footprint* of input position p is the set of output positions F(.) changes when p moves.
+Per spatial axis it is kept as an interval [lo(p), hi(p)] (None: p changes nothing, e.g. a
+row a strided conv skips); every output channel counts as affected. Intervals are hulls, so
+they over-approximate (dilation holes, groups): the coloring stays exact, only a few more
+colors than strictly needed.
+
+The coloring (Curtis-Powell-Reid): a color is (input channel, one color class per axis), and
+two positions of one color never have overlapping footprints, so one probe moves them all at
+once and each output belongs to at most one of them (its *owner*). Per axis, the classes are
+an optimal coloring of the interval graph (greedy by left end), so for 3x3 stride-1 convs of
+depth d the classes are p mod s, s = 2d + 1, and probes = C * min(s, H) * min(s, W).
+
+A module may declare its own geometry with a method
+``spp_footprint(self, in_sizes: tuple[int, ...]) -> Footprint | None`` (None: no known
+footprint, probe densely); ``Footprint.window`` covers conv-like layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+from .stages import BlackBox, ResidualBlock
+
+__all__ = ["Footprint", "NoFootprint", "footprint_of", "SpatialColoring", "DenseColoring", "coloring_for"]
+
+Interval = tuple[int, int] | None  # [lo, hi] of output positions on one axis; None: none affected
+
+
+class NoFootprint(Exception):
+    """A sub-network whose footprint is not known (global op, unknown module): probe it densely."""
+
+    def __init__(self, where: str, why: str):
+        super().__init__(f"{where}: {why}" if where else why)
+        self.where, self.why = where, why
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """``axes[a][p]`` = interval of outputs on spatial axis a that input position p can change."""
+    axes: tuple[tuple[Interval, ...], ...]
+    out_sizes: tuple[int, ...]
+
+    @property
+    def in_sizes(self) -> tuple[int, ...]:
+        return tuple(len(ax) for ax in self.axes)
+
+    @staticmethod
+    def identity(sizes: Sequence[int]) -> "Footprint":
+        return Footprint(tuple(tuple((p, p) for p in range(n)) for n in sizes), tuple(sizes))
+
+    @staticmethod
+    def window(in_sizes: Sequence[int], kernel, stride, padding, dilation=1, ceil_mode: bool = False,
+               out_sizes: Sequence[int] | None = None) -> "Footprint":
+        """A sliding window (conv, pooling): output o reads inputs o*stride - padding + t*dilation,
+        t < kernel. Arguments are ints or per-axis tuples; ``padding`` is the left padding
+        (``out_sizes`` overrides torch's size formula, e.g. for asymmetric 'same' padding)."""
+        r = len(in_sizes)
+        k, s, pad, d = (_per_axis(v, r) for v in (kernel, stride, padding, dilation))
+        outs = list(out_sizes) if out_sizes is not None else [
+            _window_out_size(n, *args, ceil_mode) for n, *args in zip(in_sizes, k, s, pad, d)]
+        axes = []
+        for n, n_out, k_, s_, p_, d_ in zip(in_sizes, outs, k, s, pad, d):
+            # p is read by o iff o*s - pad <= p <= o*s - pad + (k-1)*d: o in [ceil((p+pad-(k-1)d)/s), floor((p+pad)/s)]
+            ax = []
+            for p in range(n):
+                lo = max(0, -(-(p + p_ - (k_ - 1) * d_) // s_))
+                hi = min(n_out - 1, (p + p_) // s_)
+                ax.append((lo, hi) if lo <= hi else None)
+            axes.append(tuple(ax))
+        return Footprint(tuple(axes), tuple(outs))
+
+    def then(self, nxt: "Footprint") -> "Footprint":
+        """The footprint of ``nxt`` applied after ``self``: the hull of nxt's intervals over self's."""
+        _same_sizes(self.out_sizes, nxt.in_sizes, "composition")
+        axes = []
+        for first, second in zip(self.axes, nxt.axes):
+            ax = []
+            for iv in first:
+                hits = [second[q] for q in range(iv[0], iv[1] + 1) if second[q] is not None] if iv else []
+                ax.append((min(h[0] for h in hits), max(h[1] for h in hits)) if hits else None)
+            axes.append(tuple(ax))
+        return Footprint(tuple(axes), nxt.out_sizes)
+
+    def union(self, other: "Footprint") -> "Footprint":
+        """The footprint of a sum of two branches with the same input and output sizes."""
+        _same_sizes(self.in_sizes, other.in_sizes, "union (inputs)")
+        _same_sizes(self.out_sizes, other.out_sizes, "union (outputs)")
+        axes = []
+        for a, b in zip(self.axes, other.axes):
+            axes.append(tuple(x if y is None else y if x is None else (min(x[0], y[0]), max(x[1], y[1]))
+                              for x, y in zip(a, b)))
+        return Footprint(tuple(axes), self.out_sizes)
+
+
+def _per_axis(v, r: int) -> tuple[int, ...]:
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * r
+    if len(v) != r:
+        raise NoFootprint("", f"{len(v)}-d window on {r} spatial axes")
+    return tuple(int(x) for x in v)
+
+
+def _window_out_size(n: int, k: int, s: int, pad: int, d: int, ceil_mode: bool) -> int:
+    """torch's output size of a conv/pool window (pooling_output_shape)."""
+    span = n + 2 * pad - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + pad:  # the last window must start inside the input
+        out -= 1
+    return out
+
+
+def _same_sizes(a, b, what: str) -> None:
+    if tuple(a) != tuple(b):
+        raise NoFootprint("", f"{what}: spatial sizes {tuple(a)} and {tuple(b)} do not match")
+
+
+# ---- module geometry ------------------------------------------------------------------------
+
+_ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU,
+                nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+def footprint_of(mod: nn.Module, in_sizes: tuple[int, ...], where: str = "module") -> Footprint:
+    """Footprint of one module on inputs with spatial sizes ``in_sizes``; raises NoFootprint
+    naming the innermost module without one."""
+    try:
+        return _footprint(mod, tuple(in_sizes), where)
+    except NoFootprint as e:
+        if e.where:
+            raise
+        raise NoFootprint(f"{where} ({type(mod).__name__})", e.why) from None
+
+
+def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footprint:
+    r = len(in_sizes)
+    custom = getattr(mod, "spp_footprint", None)
+    if callable(custom):
+        fp = custom(in_sizes)
+        if fp is None:
+            raise NoFootprint(f"{where} ({type(mod).__name__})", f"spp_footprint declares no footprint")
+        return fp
+    if isinstance(mod, nn.Sequential):
+        fp = Footprint.identity(in_sizes)
+        for name, child in mod.named_children():
+            fp = fp.then(footprint_of(child, fp.out_sizes, f"{where}.{name}"))
+        return fp
+    if isinstance(mod, ResidualBlock):
+        skip = (Footprint.identity(in_sizes) if mod.shortcut is None
+                else footprint_of(mod.shortcut, in_sizes, f"{where}.shortcut"))
+        return skip.union(footprint_of(mod.module, in_sizes, f"{where}.module"))
+    if isinstance(mod, BlackBox):  # non-differentiable, but its spatial structure is its module's
+        return footprint_of(mod.module, in_sizes, f"{where}.module")
+    if isinstance(mod, _ELEMENTWISE):
+        return Footprint.identity(in_sizes)
+    if isinstance(mod, nn.modules.dropout._DropoutNd) and (not mod.training or mod.p == 0):
+        return Footprint.identity(in_sizes)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training and mod.running_mean is not None:
+        return Footprint.identity(in_sizes)  # eval mode with running statistics: per-channel affine
+    if isinstance(mod, _CONVS) and len(mod.kernel_size) == r:
+        if mod.padding_mode != "zeros":
+            raise NoFootprint(f"{where} ({type(mod).__name__})", f"padding_mode={mod.padding_mode!r} "
+                                     f"(only 'zeros' is supported)")
+        if mod.padding == "same":  # stride 1; torch puts the odd extra padding element on the right
+            left = [d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation)]
+            return Footprint.window(in_sizes, mod.kernel_size, 1, left, mod.dilation, out_sizes=in_sizes)
+        pad = 0 if mod.padding == "valid" else mod.padding
+        return Footprint.window(in_sizes, mod.kernel_size, mod.stride, pad, mod.dilation)
+    if isinstance(mod, _POOLS):
+        return Footprint.window(in_sizes, mod.kernel_size, mod.stride or mod.kernel_size, mod.padding,
+                                getattr(mod, "dilation", 1), mod.ceil_mode)
+    raise NoFootprint(f"{where} ({type(mod).__name__})", f"no known footprint (global, mixing or unknown module)")
+
+
+# ---- the coloring and the owner map ---------------------------------------------------------
+
+def _color_axis(intervals: Sequence[Interval]) -> list[int]:
+    """Fewest color classes on one axis such that same-class footprints are disjoint: greedy by
+    left end, optimal for interval graphs. Positions with no footprint take class 0."""
+    colors, last_hi = [0] * len(intervals), []  # last_hi[c]: right end of the last interval of class c
+    for p in sorted((p for p, iv in enumerate(intervals) if iv), key=lambda p: intervals[p][0]):
+        lo, hi = intervals[p]
+        c = next((c for c, h in enumerate(last_hi) if h < lo), len(last_hi))
+        last_hi[c:c + 1] = [hi]
+        colors[p] = c
+    return colors
+
+
+class DenseColoring:
+    """Dense probing as a coloring: every coordinate of a_m [B, *S] its own color."""
+
+    def __init__(self, num_inputs: int):
+        self.num_inputs = self.num_colors = num_inputs
+
+    def colors(self, device) -> torch.Tensor:
+        return ops.dense_colors(self.num_inputs, device=device)
+
+    def owner(self, probe_ids: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        return ops.dense_owner(probe_ids, num_outputs)
+
+    def __repr__(self) -> str:
+        return f"DenseColoring({self.num_colors} probes)"
+
+
+class SpatialColoring:
+    """SPP coloring of a sub-network from a_m [C, *S] to a_j [C', *T] with footprint ``fp``.
+
+    Color id = c * prod(n) + mixed-radix (class_1, ..., class_r) with n_a the classes of axis a;
+    probes = C * prod(n). ``owner`` maps each (probe, output element) to the one input
+    coordinate of that color whose footprint contains it, -1 for none.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], fp: Footprint):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.axis_colors = [_color_axis(ax) for ax in fp.axes]
+        self.classes = tuple(max(c) + 1 if c else 1 for c in self.axis_colors)  # n_a per axis
+        self.num_inputs = math.prod(self.in_shape)
+        self.num_colors = self.in_shape[0] * math.prod(self.classes)
+        # own[a][class, o] = the input position of that class on axis a whose footprint holds o, or -1
+        self._own = []
+        for ax, cols, n_cls, n_out in zip(fp.axes, self.axis_colors, self.classes, fp.out_sizes):
+            own = torch.full((n_cls, n_out), -1, dtype=torch.int64)
+            for p, iv in enumerate(ax):
+                if iv:
+                    own[cols[p], iv[0]:iv[1] + 1] = p
+            self._own.append(own)
+        self._cache: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"SpatialColoring({self.num_colors} probes = {self.in_shape[0]} channels x "
+                f"{' x '.join(map(str, self.classes))} classes, dense {self.num_inputs})")
+
+    def _on(self, device):
+        if device not in self._cache:
+            self._cache[device] = [o.to(device) for o in self._own]
+        return self._cache[device]
+
+    def colors(self, device) -> torch.Tensor:
+        """[prod(C, *S)] color of every input coordinate (C-order flattening of [C, *S])."""
+        r = len(self.classes)
+        ids = torch.arange(self.in_shape[0], device=device).reshape(-1, *[1] * r) * math.prod(self.classes)
+        stride = 1
+        for a in reversed(range(r)):
+            shape = [1] * (r + 1)
+            shape[a + 1] = -1
+            ids = ids + torch.tensor(self.axis_colors[a], device=device).reshape(shape) * stride
+            stride *= self.classes[a]
+        return ids.reshape(-1)
+
+    def owner(self, probe_ids: torch.Tensor, num_outputs: int) -> torch.Tensor:
+        """int64 [K, num_outputs]: owner of output (c', *t) under probe k; int64 costs
+        8 * K * prod(C', *T) bytes per chunk (about 1/B of the float32 query outputs)."""
+        if num_outputs != math.prod(self.out_shape):
+            raise ValueError(f"SPP owner map: the sub-network gave {num_outputs} outputs per sample, the "
+                             f"geometry predicts {self.out_shape}")
+        r, K = len(self.classes), probe_ids.numel()
+        per_class = math.prod(self.classes)
+        rest = probe_ids % per_class
+        coord = (probe_ids // per_class).reshape(K, *[1] * r) * math.prod(self.in_shape[1:])
+        valid = torch.ones((K, *[1] * r), dtype=torch.bool, device=probe_ids.device)
+        cls_stride, pos_stride = 1, 1
+        for a in reversed(range(r)):
+            shape = [K] + [1] * r
+            shape[a + 1] = -1
+            pos = self._on(probe_ids.device)[a][(rest // cls_stride) % self.classes[a]].reshape(shape)
+            coord, valid = coord + pos * pos_stride, valid & (pos >= 0)
+            cls_stride *= self.classes[a]
+            pos_stride *= self.in_shape[a + 1]
+        owner = torch.where(valid, coord, torch.full_like(coord, -1))  # [K, *T], the same for every C'
+        return owner.unsqueeze(1).expand(K, self.out_shape[0], *owner.shape[1:]).reshape(K, -1)
+
+
+def coloring_for(modules: Sequence[nn.Module], in_shape: Sequence[int], out_shape: Sequence[int],
+                 names: Sequence[str] | None = None) -> SpatialColoring:
+    """SPP coloring of the chain ``modules`` from per-sample shape ``in_shape`` [C, *S] to
+    ``out_shape`` [C', *T]; raises NoFootprint (naming the module) when it is not local."""
+    if len(in_shape) < 2:
+        raise NoFootprint("sub-network", f"its input {tuple(in_shape)} has no spatial axes ([C, *spatial])")
+    fp = Footprint.identity(in_shape[1:])
+    for k, mod in enumerate(modules):
+        fp = fp.then(footprint_of(mod, fp.out_sizes, names[k] if names else f"module {k}"))
+    if len(out_shape) != len(in_shape) or fp.out_sizes != tuple(out_shape[1:]):
+        raise NoFootprint("sub-network", f"the geometry predicts spatial output {fp.out_sizes}, the model gives "
+                                         f"{tuple(out_shape[1:])}")
+    return SpatialColoring(in_shape, out_shape, fp)
