@@ -237,9 +237,11 @@ def plot_run(cfg: TrainConfig, history, cosines, stage_ids) -> None:
     if cosines:
         steps = [c[0] for c in cosines]
         fig, ax = plt.subplots(figsize=(6, 4))
+        # 1 - cosine on a log axis: the interesting range is 1e-9 .. 1, not 0.99999 .. 1.
         for col, l in enumerate(stage_ids):
-            ax.plot(steps, [c[col + 1] for c in cosines], ".-", label=f"stage {l + 1}")
-        ax.set(xlabel="training step", ylabel="cosine(estimate, backprop)",
+            ax.plot(steps, [max(1.0 - c[col + 1], 1e-16) for c in cosines], ".-", label=f"stage {l + 1}")
+        ax.set_yscale("log")
+        ax.set(xlabel="training step", ylabel="1 - cosine(estimate, backprop)  (lower is better)",
                title=f"Per-layer cosine on a held batch: {title}")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7, ncol=2)
