@@ -48,6 +48,11 @@ class EstimateStats:
 
 # ---- the plan ------------------------------------------------------------------------------
 
+def check_split_policy(policy) -> None:
+    if policy not in ("bisect", "chain") and not callable(policy):
+        raise ValueError(f"split must be 'bisect', 'chain' or a callable (i, j) -> m, got {policy!r}")
+
+
 def choose_split(policy, i: int, j: int) -> int:
     """Split point m of the range (i, j], j - i >= 2, validated i < m < j."""
     if policy == "bisect":
@@ -60,7 +65,7 @@ def choose_split(policy, i: int, j: int) -> int:
             raise ValueError(f"split policy returned m={m!r} for the range ({i}, {j}]; it must be an "
                              f"int with {i} < m < {j}")
     else:
-        raise ValueError(f"split must be 'bisect', 'chain' or a callable (i, j) -> m, got {policy!r}")
+        check_split_policy(policy)
     return m
 
 
@@ -174,20 +179,24 @@ def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: tor
     ``run_right(z [2cB, *S], copies=2c) -> [2cB, *T]`` in one call and are contracted with
     target [B, *T] through the coloring's owner map at once. Returns [B, *S].
     """
-    B, n = a.shape[0], math.prod(a.shape[1:])
+    n = math.prod(a.shape[1:])
     coloring = coloring or spp_geometry.DenseColoring(n)
-    colors, num_probes = coloring.colors(a.device), coloring.num_colors
-    chunk = num_probes if chunk_size is None else chunk_size
     delta = None
-    for start in range(0, num_probes, chunk):
-        ids = torch.arange(start, min(num_probes, start + chunk), device=a.device)
-        K = ids.numel()
-        copies = ops.perturb(a, colors, ids, eps)  # [2, K, B, *S]
-        out = run_right(copies.reshape(2 * K * B, *a.shape[1:]), 2 * K)
-        y = out.reshape(2, K, B, *out.shape[1:])
+    for ids, copies in _perturbed_chunks(a, coloring, eps, chunk_size):
+        out = run_right(copies, 2 * ids.numel())
+        y = out.reshape(2, ids.numel(), a.shape[0], *out.shape[1:])
         part = ops.contract(y, target, coloring.owner(ids, math.prod(out.shape[1:])), eps, num_inputs=n)
         delta = part if delta is None else delta + part
     return delta.reshape(a.shape)
+
+
+def _perturbed_chunks(a: torch.Tensor, coloring, eps: float, chunk_size: int | None):
+    """Yields (probe ids, their +-eps copies of a as one batch [2cB, *S]), chunk_size probes at a time."""
+    colors, num_probes = coloring.colors(a.device), coloring.num_colors
+    chunk = num_probes if chunk_size is None else chunk_size
+    for start in range(0, num_probes, chunk):
+        ids = torch.arange(start, min(num_probes, start + chunk), device=a.device)
+        yield ids, ops.perturb(a, colors, ids, eps).reshape(-1, *a.shape[1:])  # [2, K, B, *S] flattened
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -277,11 +286,7 @@ class StageEstimator:
         if torch.isfinite(delta).all():
             return
         coloring = coloring or spp_geometry.DenseColoring(a[0].numel())
-        n = coloring.num_colors
-        chunk = n if self.chunk_size is None else self.chunk_size
-        for start in range(0, n, chunk):
-            ids = torch.arange(start, min(n, start + chunk), device=a.device)
-            z = ops.perturb(a, coloring.colors(a.device), ids, eps).reshape(-1, *a.shape[1:])
+        for _, z in _perturbed_chunks(a, coloring, eps, self.chunk_size):
             for l in range(m + 1, j + 1):
                 z = run_stage(self.stages, l, z, module=qstages[l - 1])
                 _check_finite(z, f"{stage_name(self.stages, l)} {where}")
@@ -394,8 +399,7 @@ class HZO(StageEstimator):
                  spp="auto", eps_mode: str = "absolute", query_dtype: torch.dtype | None = None,
                  check_samples: bool = True):
         super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples)
-        if split not in ("bisect", "chain") and not callable(split):
-            raise ValueError(f"split must be 'bisect', 'chain' or a callable (i, j) -> m, got {split!r}")
+        check_split_policy(split)
         if spp not in ("auto", True, False):
             raise ValueError(f"spp must be 'auto', True or False, got {spp!r}")
         self.split = split
