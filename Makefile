@@ -26,8 +26,8 @@ build: setup
 demo: build
 	$(VENV)/bin/hzo-ext train --out runs/demo-hzo
 	$(VENV)/bin/hzo-ext train --out runs/demo-backprop --estimator bp
-	@awk -F, 'END {print "final test accuracy on digits: HZO " $$4}' runs/demo-hzo/metrics.csv
-	@awk -F, 'END {print "final test accuracy on digits: backprop " $$4}' runs/demo-backprop/metrics.csv
+	@awk -F, 'END {printf "final test accuracy on digits: HZO %.4f\n", $$4}' runs/demo-hzo/metrics.csv
+	@awk -F, 'END {printf "final test accuracy on digits: backprop %.4f\n", $$4}' runs/demo-backprop/metrics.csv
 
 test: build test-python test-cpp
 
