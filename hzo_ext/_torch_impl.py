@@ -6,6 +6,8 @@ they are what the package runs when the compiled extension is missing or disable
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -38,3 +40,39 @@ def contract(y: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, eps: fl
     out = torch.zeros(B, num_inputs, dtype=acc, device=y.device)
     out.index_add_(1, idx[keep], vals)
     return out.to(y.dtype)
+
+
+def spp_owner(colors: torch.Tensor, probe_start: int, K: int, boxes: torch.Tensor, in_shape, out_shape,
+              channelwise: bool) -> torch.Tensor:
+    """The owner map [K, prod(out_shape)] contract_spp implies: output (c', t) of probe k belongs to
+    the input (c, p) of color probe_start + k whose box holds t (and c == c' when channelwise)."""
+    C, S = in_shape[0], tuple(in_shape[1:])
+    Cout, T = out_shape[0], tuple(out_shape[1:])
+    P, Qs, r = math.prod(S), math.prod(T), len(S)
+    lo_hi = torch.split(boxes, list(S), dim=1)  # per axis [2, S_a]
+    owner = torch.full((K, Cout, Qs), -1, dtype=torch.int64, device=colors.device)
+    k_all = colors - probe_start
+    inputs = torch.nonzero((k_all >= 0) & (k_all < K)).reshape(-1)
+    box = torch.ones((inputs.numel(),) + (1,) * r, dtype=torch.bool, device=colors.device)
+    rest = inputs % P
+    for a in reversed(range(r)):  # box[n, *t] = t_a in [lo, hi] of input n's position on every axis
+        pos, rest = rest % S[a], rest // S[a]
+        t = torch.arange(T[a], device=colors.device)
+        member = (t >= lo_hi[a][0, pos].unsqueeze(1)) & (t <= lo_hi[a][1, pos].unsqueeze(1))  # [N, T_a]
+        shape = [inputs.numel()] + [1] * r
+        shape[a + 1] = T[a]
+        box = box & member.reshape(shape)
+    n, q = torch.nonzero(box.reshape(inputs.numel(), Qs), as_tuple=True)
+    src = inputs[n]
+    if channelwise:
+        owner[k_all[src], src // P, q] = src
+    else:
+        owner[k_all[src], :, q] = src.unsqueeze(1)
+    return owner.reshape(K, -1)
+
+
+def contract_spp(y: torch.Tensor, target: torch.Tensor, colors: torch.Tensor, probe_start: int,
+                 boxes: torch.Tensor, in_shape, channelwise: bool, eps: float) -> torch.Tensor:
+    """contract with the owner map spp_owner builds from the coloring's geometry."""
+    owner = spp_owner(colors, probe_start, y.shape[1], boxes, in_shape, y.shape[3:], channelwise)
+    return contract(y, target, owner, eps, math.prod(in_shape))

@@ -177,15 +177,15 @@ def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: tor
     One probe per color of ``coloring`` (default dense: one per coordinate of a [B, *S]; or an
     ``spp.SpatialColoring``), ``chunk_size`` at a time: the 2c perturbed copies go through
     ``run_right(z [2cB, *S], copies=2c) -> [2cB, *T]`` in one call and are contracted with
-    target [B, *T] through the coloring's owner map at once. Returns [B, *S].
+    target [B, *T] at once (``coloring.contract``: ops.contract with the dense owner map, or
+    ops.contract_spp). Returns [B, *S].
     """
     n = math.prod(a.shape[1:])
     coloring = coloring or spp_geometry.DenseColoring(n)
     delta = None
     for ids, copies in _perturbed_chunks(a, coloring, eps, chunk_size):
         out = run_right(copies, 2 * ids.numel())
-        y = out.reshape(2, ids.numel(), a.shape[0], *out.shape[1:])
-        part = ops.contract(y, target, coloring.owner(ids, math.prod(out.shape[1:])), eps, num_inputs=n)
+        part = coloring.contract(out.reshape(2, ids.numel(), a.shape[0], *out.shape[1:]), target, ids, eps)
         delta = part if delta is None else delta + part
     return delta.reshape(a.shape)
 
@@ -404,7 +404,7 @@ class HZO(StageEstimator):
             raise ValueError(f"spp must be 'auto', True or False, got {spp!r}")
         self.split = split
         self.spp = spp
-        self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
+        self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring of split (m, j]; and the barrier stages
         self._spp_warned: set = set()
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
@@ -432,8 +432,30 @@ class HZO(StageEstimator):
         self._colorings[key] = chosen
         return chosen
 
+    def _split_policy(self, shapes):
+        """The policy the plan uses. With SPP on and split='bisect', a barrier stage (no footprint
+        or a global one: a linear head, global pooling) is kept at the right end of its own range
+        (m = j - 1 when it is stage j, else m = the barrier), so it never sits inside a long right
+        half that would then be probed densely; ranges without barriers are bisected as usual."""
+        if self.spp is False or self.split != "bisect":
+            return self.split
+        key = ("barriers", tuple(map(tuple, shapes)))
+        if key not in self._colorings:
+            self._colorings[key] = [l for l in range(1, len(shapes))
+                                    if spp_geometry.is_barrier(self.stages[l - 1], shapes[l - 1])]
+        barriers = self._colorings[key]
+        if not barriers:
+            return "bisect"
+
+        def bisect_around_barriers(i: int, j: int) -> int:
+            inside = [l for l in barriers if i + 2 <= l <= j]  # stage i+1 is never in a right half
+            if not inside:
+                return j - (j - i) // 2
+            return j - 1 if inside[-1] == j else inside[-1]
+        return bisect_around_barriers
+
     def _build_plan(self, shapes, batch: int, itemsize: int) -> Plan:
-        return build_plan(shapes, batch, self.split, self.chunk_size, itemsize,
+        return build_plan(shapes, batch, self._split_policy(shapes), self.chunk_size, itemsize,
                           probes=lambda m, j: self._split_coloring(m, j, shapes).num_colors)
 
     @torch.no_grad()

@@ -26,24 +26,26 @@ def _conv_block(c_in: int, c_out: int, stride: int = 1, branch_scale: float = 1.
     return nn.Sequential(ResidualBlock(branch, shortcut), nn.GELU())
 
 
-def _head(width: int, num_classes: int) -> nn.Sequential:
-    """Global average pool + Flatten + Linear as one stage (global: probed densely by SPP)."""
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+def _head(width: int, num_classes: int) -> list[nn.Module]:
+    """Two stages: global average pool + Flatten, then Linear. Split there, the pooled vector
+    [C] is a stage boundary: the split before the pool is probed channelwise (H*W probes), the
+    one before the Linear densely over C, and no split probes C*H*W coordinates."""
+    return [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(width, num_classes)]
 
 
 def digits_cnn(width: int = 8, num_classes: int = 10) -> nn.Sequential:
     """Small residual CNN for 8x8 digits ([N, 1, 8, 8]): conv stem, a residual block at 8x8, a
-    strided residual block to 4x4 (1x1 strided shortcut), GAP+Flatten+Linear head: 4 stages."""
+    strided residual block to 4x4 (1x1 strided shortcut), GAP+Flatten, Linear: 5 stages."""
     return nn.Sequential(nn.Sequential(nn.Conv2d(1, width, 3, 1, 1), nn.GELU()),
                          _conv_block(width, width, branch_scale=0.5),
                          _conv_block(width, 2 * width, stride=2, branch_scale=0.5),
-                         _head(2 * width, num_classes))
+                         *_head(2 * width, num_classes))
 
 
 def resnet20_cifar(num_classes: int = 10, width: int = 16) -> nn.Sequential:
     """ResNet-20-style for 32x32 ([N, 3, 32, 32]): conv stem, 3 groups of 3 residual blocks at
-    widths w, 2w, 4w (the first block of groups 2 and 3 strided, 1x1 conv shortcut), GAP+Linear
-    head: 11 stages, 19 convs + 2 shortcut convs + 1 linear. No BatchNorm (stages must treat
+    widths w, 2w, 4w (the first block of groups 2 and 3 strided, 1x1 conv shortcut), GAP+Flatten
+    and Linear: 12 stages, 19 convs + 2 shortcut convs + 1 linear. No BatchNorm (stages must treat
     samples independently; the residual branches are scaled down at init instead)."""
     stages = [nn.Sequential(nn.Conv2d(3, width, 3, 1, 1), nn.GELU())]
     c_in = width
@@ -51,7 +53,7 @@ def resnet20_cifar(num_classes: int = 10, width: int = 16) -> nn.Sequential:
         for block in range(3):
             stages.append(_conv_block(c_in, c_out, stride=2 if group > 0 and block == 0 else 1, branch_scale=0.3))
             c_in = c_out
-    return nn.Sequential(*stages, _head(c_in, num_classes))
+    return nn.Sequential(*stages, *_head(c_in, num_classes))
 
 
 ACTIVATIONS = {"linear": nn.Identity, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}

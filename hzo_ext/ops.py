@@ -14,7 +14,7 @@ import torch
 from . import _torch_impl
 from ._ext import has_extension
 
-__all__ = ["perturb", "contract", "dense_colors", "dense_owner"]
+__all__ = ["perturb", "contract", "contract_spp", "dense_colors", "dense_owner"]
 
 
 def perturb(a: torch.Tensor, colors: torch.Tensor, probe_ids: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,6 +39,25 @@ def contract(y: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, eps: fl
         return torch.ops.hzo_ext.contract_sized(y, target, owner, eps, num_inputs)
     num_inputs = _check_contract(y, target, owner, eps, num_inputs)
     return _torch_impl.contract(y, target, owner, eps, num_inputs)
+
+
+def contract_spp(y: torch.Tensor, target: torch.Tensor, colors: torch.Tensor, probe_start: int,
+                 boxes: torch.Tensor, in_shape, channelwise: bool, eps: float) -> torch.Tensor:
+    """``contract`` for an SPP coloring, owners computed on the fly from the footprint geometry.
+
+    y [2, K, B, Cout, *T]: the outputs for the probes (colors) probe_start .. probe_start+K-1;
+    target [B, Cout, *T]; colors int64 [prod(in_shape)] as given to ``perturb``; boxes int64
+    [2, sum(S)]: the lo/hi output interval each input position of each spatial axis can change
+    (lo > hi: none); in_shape [C, *S] (1-3 spatial axes); channelwise: output channel c' depends
+    on input channel c' only. Input (c, p) of color probe_start + k gets the sum of
+    ``target * (y[0, k] - y[1, k]) / (2 eps)`` over its box, every other input 0. The coloring
+    must keep boxes of one color disjoint (then this equals ``contract`` with its owner map,
+    which is never materialised). Returns [B, prod(in_shape)]."""
+    in_shape = [int(n) for n in in_shape]
+    if has_extension():
+        return torch.ops.hzo_ext.contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps)
+    _check_contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps)
+    return _torch_impl.contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps)
 
 
 def dense_colors(num_coords: int, device=None) -> torch.Tensor:
@@ -119,6 +138,46 @@ def _check_contract(y, target, owner, eps, num_inputs) -> int:
     return num_inputs
 
 
+def _check_contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps) -> None:
+    op = "hzo_ext::contract_spp"
+    _check_eps(eps, op)
+    if y.dtype not in _FLOATING:
+        raise TypeError(f"{op}: y must be a floating tensor (float16, bfloat16, float32, float64), got {y.dtype}")
+    r = len(in_shape) - 1
+    if not 1 <= r <= 3:
+        raise ValueError(f"{op}: in_shape must be [C, *S] with 1 to 3 spatial axes, got {list(in_shape)}")
+    if min(in_shape) <= 0:
+        raise ValueError(f"{op}: in_shape sizes must be positive, got {list(in_shape)}")
+    if y.dim() != 4 + r or y.shape[0] != 2:
+        raise ValueError(f"{op}: y must be [2, K, B, Cout, *T] with {r} spatial axes (the +eps and -eps "
+                         f"outputs), got shape {tuple(y.shape)}")
+    if target.device != y.device:
+        raise ValueError(f"{op}: target is on {target.device} but y is on {y.device}")
+    if target.dtype != y.dtype:
+        raise TypeError(f"{op}: target dtype {target.dtype} does not match y dtype {y.dtype}")
+    if tuple(target.shape) != tuple(y.shape[2:]):
+        raise ValueError(f"{op}: target must be [B, Cout, *T] = {tuple(y.shape[2:])} to match y of shape "
+                         f"{tuple(y.shape)}, got shape {tuple(target.shape)}")
+    if probe_start < 0:
+        raise ValueError(f"{op}: probe_start must be >= 0, got {probe_start}")
+    _check_index(colors, y, op, "colors", "y")
+    _check_index(boxes, y, op, "boxes", "y")
+    if colors.dim() != 1 or colors.numel() != math.prod(in_shape):
+        raise ValueError(f"{op}: colors must be 1-D with prod(in_shape) = {math.prod(in_shape)} entries, got "
+                         f"shape {tuple(colors.shape)}")
+    positions = sum(in_shape[1:])
+    if tuple(boxes.shape) != (2, positions):
+        raise ValueError(f"{op}: boxes must be [2, sum(S)] = [2, {positions}] (lo and hi per input position of "
+                         f"each axis), got shape {tuple(boxes.shape)}")
+    if channelwise and y.shape[3] != in_shape[0]:
+        raise ValueError(f"{op}: channelwise needs as many output channels as input channels, got "
+                         f"{y.shape[3]} and {in_shape[0]}")
+    limit = torch.cat([torch.full((n,), t, device=boxes.device) for n, t in zip(in_shape[1:], y.shape[4:])])
+    lo, hi = boxes[0], boxes[1]
+    if bool(((lo <= hi) & ((lo < 0) | (hi >= limit))).any()):
+        raise ValueError(f"{op}: boxes hold an interval outside the output axis (out of range)")
+
+
 # ---- fake kernels and autograd, for the dispatcher ops (only when the extension loaded) ----
 
 def _contract_backward(ctx, grad_out):
@@ -138,6 +197,13 @@ def _contract_backward(ctx, grad_out):
 def _setup_contract(ctx, inputs, output):
     y, target, owner, eps = inputs[:4]
     ctx.eps, ctx.num_args = eps, len(inputs)
+    ctx.save_for_backward(y, target, owner)
+
+
+def _setup_contract_spp(ctx, inputs, output):
+    y, target, colors, probe_start, boxes, in_shape, channelwise, eps = inputs
+    ctx.eps, ctx.num_args = eps, len(inputs)
+    owner = _torch_impl.spp_owner(colors, probe_start, y.shape[1], boxes, in_shape, y.shape[3:], channelwise)
     ctx.save_for_backward(y, target, owner)
 
 
@@ -163,6 +229,11 @@ if has_extension():
     def _contract_sized_fake(y, target, owner, eps, num_inputs):
         return y.new_empty((y.shape[2], num_inputs))
 
+    @torch.library.register_fake("hzo_ext::contract_spp")
+    def _contract_spp_fake(y, target, colors, probe_start, boxes, in_shape, channelwise, eps):
+        return y.new_empty((y.shape[2], math.prod(in_shape)))
+
+    torch.library.register_autograd("hzo_ext::contract_spp", _contract_backward, setup_context=_setup_contract_spp)
     torch.library.register_autograd("hzo_ext::perturb", _perturb_backward, setup_context=_setup_perturb)
     torch.library.register_autograd("hzo_ext::contract", _contract_backward, setup_context=_setup_contract)
     torch.library.register_autograd("hzo_ext::contract_sized", _contract_backward,

@@ -26,10 +26,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import ops
+from . import _torch_impl, ops
 from .stages import BlackBox, ResidualBlock
 
-__all__ = ["Footprint", "NoFootprint", "footprint_of", "SpatialColoring", "DenseColoring", "coloring_for"]
+__all__ = ["Footprint", "NoFootprint", "footprint_of", "SpatialColoring", "DenseColoring", "coloring_for",
+           "chain_footprint", "is_barrier"]
 
 Interval = tuple[int, int] | None  # [lo, hi] of output positions on one axis; None: none affected
 
@@ -44,9 +45,12 @@ class NoFootprint(Exception):
 
 @dataclass(frozen=True)
 class Footprint:
-    """``axes[a][p]`` = interval of outputs on spatial axis a that input position p can change."""
+    """``axes[a][p]`` = interval of outputs on spatial axis a that input position p can change.
+    ``channelwise``: output channel c depends on input channel c only (pooling, elementwise,
+    depthwise convs), else every output channel counts as affected."""
     axes: tuple[tuple[Interval, ...], ...]
     out_sizes: tuple[int, ...]
+    channelwise: bool = False
 
     @property
     def in_sizes(self) -> tuple[int, ...]:
@@ -54,11 +58,11 @@ class Footprint:
 
     @staticmethod
     def identity(sizes: Sequence[int]) -> "Footprint":
-        return Footprint(tuple(tuple((p, p) for p in range(n)) for n in sizes), tuple(sizes))
+        return Footprint(tuple(tuple((p, p) for p in range(n)) for n in sizes), tuple(sizes), channelwise=True)
 
     @staticmethod
     def window(in_sizes: Sequence[int], kernel, stride, padding, dilation=1, ceil_mode: bool = False,
-               out_sizes: Sequence[int] | None = None) -> "Footprint":
+               out_sizes: Sequence[int] | None = None, channelwise: bool = False) -> "Footprint":
         """A sliding window (conv, pooling): output o reads inputs o*stride - padding + t*dilation,
         t < kernel. Arguments are ints or per-axis tuples; ``padding`` is the left padding
         (``out_sizes`` overrides torch's size formula, e.g. for asymmetric 'same' padding)."""
@@ -75,7 +79,24 @@ class Footprint:
                 hi = min(n_out - 1, (p + p_) // s_)
                 ax.append((lo, hi) if lo <= hi else None)
             axes.append(tuple(ax))
-        return Footprint(tuple(axes), tuple(outs))
+        return Footprint(tuple(axes), tuple(outs), channelwise)
+
+    @staticmethod
+    def adaptive(in_sizes: Sequence[int], out_sizes: Sequence[int]) -> "Footprint":
+        """Adaptive pooling: output o of an axis n -> m reads inputs floor(o n / m) .. ceil((o+1) n / m) - 1."""
+        axes = []
+        for n, m in zip(in_sizes, out_sizes):
+            reads = [(o * n // m, -(-(o + 1) * n // m) - 1) for o in range(m)]
+            axes.append(tuple((min(o for o, (a, b) in enumerate(reads) if a <= p <= b),
+                               max(o for o, (a, b) in enumerate(reads) if a <= p <= b)) for p in range(n)))
+        return Footprint(tuple(axes), tuple(out_sizes), channelwise=True)
+
+    @property
+    def is_global(self) -> bool:
+        """Every position can change every output position (global pooling): no two positions
+        of one channel can share a probe."""
+        return math.prod(self.in_sizes) > 1 and all(
+            iv is not None and iv == (0, n - 1) for ax, n in zip(self.axes, self.out_sizes) for iv in ax)
 
     def then(self, nxt: "Footprint") -> "Footprint":
         """The footprint of ``nxt`` applied after ``self``: the hull of nxt's intervals over self's."""
@@ -87,7 +108,7 @@ class Footprint:
                 hits = [second[q] for q in range(iv[0], iv[1] + 1) if second[q] is not None] if iv else []
                 ax.append((min(h[0] for h in hits), max(h[1] for h in hits)) if hits else None)
             axes.append(tuple(ax))
-        return Footprint(tuple(axes), nxt.out_sizes)
+        return Footprint(tuple(axes), nxt.out_sizes, self.channelwise and nxt.channelwise)
 
     def union(self, other: "Footprint") -> "Footprint":
         """The footprint of a sum of two branches with the same input and output sizes."""
@@ -97,7 +118,7 @@ class Footprint:
         for a, b in zip(self.axes, other.axes):
             axes.append(tuple(x if y is None else y if x is None else (min(x[0], y[0]), max(x[1], y[1]))
                               for x, y in zip(a, b)))
-        return Footprint(tuple(axes), self.out_sizes)
+        return Footprint(tuple(axes), self.out_sizes, self.channelwise and other.channelwise)
 
 
 def _per_axis(v, r: int) -> tuple[int, ...]:
@@ -127,6 +148,8 @@ _ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, 
                 nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                   nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 def footprint_of(mod: nn.Module, in_sizes: tuple[int, ...], where: str = "module") -> Footprint:
@@ -169,14 +192,22 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
         if mod.padding_mode != "zeros":
             raise NoFootprint(f"{where} ({type(mod).__name__})", f"padding_mode={mod.padding_mode!r} "
                                      f"(only 'zeros' is supported)")
+        depthwise = mod.groups == mod.in_channels == mod.out_channels
         if mod.padding == "same":  # stride 1; torch puts the odd extra padding element on the right
             left = [d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation)]
-            return Footprint.window(in_sizes, mod.kernel_size, 1, left, mod.dilation, out_sizes=in_sizes)
+            return Footprint.window(in_sizes, mod.kernel_size, 1, left, mod.dilation, out_sizes=in_sizes,
+                                    channelwise=depthwise)
         pad = 0 if mod.padding == "valid" else mod.padding
-        return Footprint.window(in_sizes, mod.kernel_size, mod.stride, pad, mod.dilation)
+        return Footprint.window(in_sizes, mod.kernel_size, mod.stride, pad, mod.dilation, channelwise=depthwise)
     if isinstance(mod, _POOLS):
         return Footprint.window(in_sizes, mod.kernel_size, mod.stride or mod.kernel_size, mod.padding,
-                                getattr(mod, "dilation", 1), mod.ceil_mode)
+                                getattr(mod, "dilation", 1), mod.ceil_mode, channelwise=True)
+    if isinstance(mod, _ADAPTIVE_POOLS):
+        sizes = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,) * r
+        if len(sizes) == r:  # None keeps an axis' size
+            return Footprint.adaptive(in_sizes, [n if o is None else int(o) for n, o in zip(in_sizes, sizes)])
+    if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1 and all(n == 1 for n in in_sizes):
+        return Footprint.identity(in_sizes)  # [C, 1, .., 1] -> [C]: the same elements; sizes kept as 1s
     raise NoFootprint(f"{where} ({type(mod).__name__})", f"no known footprint (global, mixing or unknown module)")
 
 
@@ -206,6 +237,10 @@ class DenseColoring:
     def owner(self, probe_ids: torch.Tensor, num_outputs: int) -> torch.Tensor:
         return ops.dense_owner(probe_ids, num_outputs)
 
+    def contract(self, y: torch.Tensor, target: torch.Tensor, probe_ids: torch.Tensor, eps: float) -> torch.Tensor:
+        """delta [B, num_inputs] of the probes probe_ids from their outputs y [2, K, B, *T]."""
+        return ops.contract(y, target, self.owner(probe_ids, math.prod(y.shape[3:])), eps, num_inputs=self.num_inputs)
+
     def __repr__(self) -> str:
         return f"DenseColoring({self.num_colors} probes)"
 
@@ -213,81 +248,112 @@ class DenseColoring:
 class SpatialColoring:
     """SPP coloring of a sub-network from a_m [C, *S] to a_j [C', *T] with footprint ``fp``.
 
-    Color id = c * prod(n) + mixed-radix (class_1, ..., class_r) with n_a the classes of axis a;
-    probes = C * prod(n). ``owner`` maps each (probe, output element) to the one input
-    coordinate of that color whose footprint contains it, -1 for none.
+    Color id = c * prod(n) + mixed-radix (class_1, ..., class_r), n_a the classes of axis a:
+    probes = C * prod(n). A channelwise footprint (output channel c' depends on input channel
+    c' only) drops the channel from the color: probes = prod(n). ``contract`` attributes each
+    output to the one input coordinate of its probe's color whose footprint box holds it, with
+    the boxes computed on the fly (``ops.contract_spp``): no owner map in memory.
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], fp: Footprint):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.geometry_out = (self.out_shape[0],) + tuple(fp.out_sizes)  # [C', *T] even after a Flatten of 1s
+        self.channelwise = fp.channelwise
         self.axis_colors = [_color_axis(ax) for ax in fp.axes]
         self.classes = tuple(max(c) + 1 if c else 1 for c in self.axis_colors)  # n_a per axis
         self.num_inputs = math.prod(self.in_shape)
-        self.num_colors = self.in_shape[0] * math.prod(self.classes)
-        # own[a][class, o] = the input position of that class on axis a whose footprint holds o, or -1
-        self._own = []
-        for ax, cols, n_cls, n_out in zip(fp.axes, self.axis_colors, self.classes, fp.out_sizes):
-            own = torch.full((n_cls, n_out), -1, dtype=torch.int64)
-            for p, iv in enumerate(ax):
-                if iv:
-                    own[cols[p], iv[0]:iv[1] + 1] = p
-            self._own.append(own)
+        self.num_colors = (1 if self.channelwise else self.in_shape[0]) * math.prod(self.classes)
+        # [2, sum(S)]: lo / hi of each input position's footprint interval, axis after axis (lo > hi: none)
+        ivs = [iv or (0, -1) for ax in fp.axes for iv in ax]
+        self._boxes = torch.tensor([[iv[0] for iv in ivs], [iv[1] for iv in ivs]], dtype=torch.int64)
         self._cache: dict = {}
 
     def __repr__(self) -> str:
-        return (f"SpatialColoring({self.num_colors} probes = {self.in_shape[0]} channels x "
+        channels = "channelwise" if self.channelwise else f"{self.in_shape[0]} channels"
+        return (f"SpatialColoring({self.num_colors} probes = {channels} x "
                 f"{' x '.join(map(str, self.classes))} classes, dense {self.num_inputs})")
-
-    def _on(self, device):
-        if device not in self._cache:
-            self._cache[device] = [o.to(device) for o in self._own]
-        return self._cache[device]
 
     def colors(self, device) -> torch.Tensor:
         """[prod(C, *S)] color of every input coordinate (C-order flattening of [C, *S])."""
-        r = len(self.classes)
-        ids = torch.arange(self.in_shape[0], device=device).reshape(-1, *[1] * r) * math.prod(self.classes)
-        stride = 1
-        for a in reversed(range(r)):
-            shape = [1] * (r + 1)
-            shape[a + 1] = -1
-            ids = ids + torch.tensor(self.axis_colors[a], device=device).reshape(shape) * stride
-            stride *= self.classes[a]
-        return ids.reshape(-1)
+        key = ("colors", device)
+        if key not in self._cache:
+            r = len(self.classes)
+            per_channel = 0 if self.channelwise else math.prod(self.classes)
+            ids = torch.arange(self.in_shape[0]).reshape(-1, *[1] * r) * per_channel
+            stride = 1
+            for a in reversed(range(r)):
+                shape = [1] * (r + 1)
+                shape[a + 1] = -1
+                ids = ids + torch.tensor(self.axis_colors[a]).reshape(shape) * stride
+                stride *= self.classes[a]
+            self._cache[key] = ids.expand(self.in_shape).reshape(-1).to(device)
+        return self._cache[key]
+
+    def boxes(self, device) -> torch.Tensor:
+        key = ("boxes", device)
+        if key not in self._cache:
+            self._cache[key] = self._boxes.to(device)
+        return self._cache[key]
+
+    def _probe_start(self, probe_ids: torch.Tensor) -> int:
+        """contract_spp takes a contiguous range of colors (as the estimator's chunks are)."""
+        start = int(probe_ids[0]) if probe_ids.numel() else 0
+        if not torch.equal(probe_ids.cpu(), torch.arange(start, start + probe_ids.numel())):
+            raise ValueError("SPP: probe_ids must be a contiguous range of colors")
+        return start
+
+    def contract(self, y: torch.Tensor, target: torch.Tensor, probe_ids: torch.Tensor, eps: float) -> torch.Tensor:
+        """delta [B, num_inputs] of the probes probe_ids from their outputs y [2, K, B, *T]."""
+        if math.prod(y.shape[3:]) != math.prod(self.out_shape):
+            raise ValueError(f"SPP: the sub-network gave {tuple(y.shape[3:])} outputs per sample, the "
+                             f"geometry predicts {self.out_shape}")
+        y = y.reshape(*y.shape[:3], *self.geometry_out)
+        target = target.reshape(target.shape[0], *self.geometry_out)
+        return ops.contract_spp(y, target, self.colors(y.device), self._probe_start(probe_ids),
+                                self.boxes(y.device), self.in_shape, self.channelwise, eps)
 
     def owner(self, probe_ids: torch.Tensor, num_outputs: int) -> torch.Tensor:
-        """int64 [K, num_outputs]: owner of output (c', *t) under probe k; int64 costs
-        8 * K * prod(C', *T) bytes per chunk (about 1/B of the float32 query outputs)."""
+        """int64 [K, num_outputs], the owner map ``contract`` never builds (for tests and callers of
+        ``ops.contract``): 8 * K * prod(C', *T) bytes per chunk."""
         if num_outputs != math.prod(self.out_shape):
             raise ValueError(f"SPP owner map: the sub-network gave {num_outputs} outputs per sample, the "
                              f"geometry predicts {self.out_shape}")
-        r, K = len(self.classes), probe_ids.numel()
-        per_class = math.prod(self.classes)
-        rest = probe_ids % per_class
-        coord = (probe_ids // per_class).reshape(K, *[1] * r) * math.prod(self.in_shape[1:])
-        valid = torch.ones((K, *[1] * r), dtype=torch.bool, device=probe_ids.device)
-        cls_stride, pos_stride = 1, 1
-        for a in reversed(range(r)):
-            shape = [K] + [1] * r
-            shape[a + 1] = -1
-            pos = self._on(probe_ids.device)[a][(rest // cls_stride) % self.classes[a]].reshape(shape)
-            coord, valid = coord + pos * pos_stride, valid & (pos >= 0)
-            cls_stride *= self.classes[a]
-            pos_stride *= self.in_shape[a + 1]
-        owner = torch.where(valid, coord, torch.full_like(coord, -1))  # [K, *T], the same for every C'
-        return owner.unsqueeze(1).expand(K, self.out_shape[0], *owner.shape[1:]).reshape(K, -1)
+        device = probe_ids.device
+        return _torch_impl.spp_owner(self.colors(device), self._probe_start(probe_ids), probe_ids.numel(),
+                                     self.boxes(device), self.in_shape, self.geometry_out, self.channelwise)
 
 
 def coloring_for(modules: Sequence[nn.Module], in_shape: Sequence[int], out_shape: Sequence[int],
                  names: Sequence[str] | None = None) -> SpatialColoring:
     """SPP coloring of the chain ``modules`` from per-sample shape ``in_shape`` [C, *S] to
-    ``out_shape`` [C', *T]; raises NoFootprint (naming the module) when it is not local."""
+    ``out_shape`` [C', *T] (or [C'] after global pooling and Flatten); raises NoFootprint
+    (naming the module) when it is not local."""
+    fp = chain_footprint(modules, in_shape, names)
+    flat_ok = len(out_shape) == 1 and all(n == 1 for n in fp.out_sizes)  # [C', 1, .., 1] flattened
+    if not flat_ok and (len(out_shape) != len(in_shape) or fp.out_sizes != tuple(out_shape[1:])):
+        raise NoFootprint("sub-network", f"the geometry predicts spatial output {fp.out_sizes}, the model gives "
+                                         f"{tuple(out_shape[1:])}")
+    return SpatialColoring(in_shape, out_shape, fp)
+
+
+def chain_footprint(modules: Sequence[nn.Module], in_shape: Sequence[int],
+                    names: Sequence[str] | None = None) -> Footprint:
+    """The footprint of the chain ``modules`` on per-sample inputs ``in_shape`` [C, *S]."""
     if len(in_shape) < 2:
         raise NoFootprint("sub-network", f"its input {tuple(in_shape)} has no spatial axes ([C, *spatial])")
     fp = Footprint.identity(in_shape[1:])
     for k, mod in enumerate(modules):
         fp = fp.then(footprint_of(mod, fp.out_sizes, names[k] if names else f"module {k}"))
-    if len(out_shape) != len(in_shape) or fp.out_sizes != tuple(out_shape[1:]):
-        raise NoFootprint("sub-network", f"the geometry predicts spatial output {fp.out_sizes}, the model gives "
-                                         f"{tuple(out_shape[1:])}")
-    return SpatialColoring(in_shape, out_shape, fp)
+    return fp
+
+
+def is_barrier(module: nn.Module, in_shape: Sequence[int]) -> bool:
+    """True when ``module`` on spatial inputs [C, *S] makes every right sub-network holding it
+    (almost) dense: it has no footprint, or a global one (global pooling). The estimator keeps
+    such stages out of long SPP right halves (``HZO``'s barrier-aware bisect)."""
+    if len(in_shape) < 2:
+        return False
+    try:
+        return chain_footprint([module], in_shape).is_global
+    except NoFootprint:
+        return True

@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <cmath>
+#include <vector>
 
 namespace hzo {
 
@@ -79,6 +80,57 @@ int64_t check_contract_args(const at::Tensor& y, const at::Tensor& target, const
   TORCH_CHECK(hi < *num_inputs, op, ": owner entries must be < num_inputs = ", *num_inputs, ", found ", hi,
               " (out of range)");
   return *num_inputs;
+}
+
+BoxGeometry check_contract_spp_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& colors,
+                                    int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
+                                    bool channelwise, double eps) {
+  const char* op = "hzo_ext::contract_spp";
+  check_eps(eps, op);
+  check_floating(y, op, "y");
+  const int64_t r = static_cast<int64_t>(in_shape.size()) - 1;
+  TORCH_CHECK(r >= 1 && r <= 3, op, ": in_shape must be [C, *S] with 1 to 3 spatial axes, got ", in_shape);
+  for (auto n : in_shape) TORCH_CHECK(n > 0, op, ": in_shape sizes must be positive, got ", in_shape);
+  TORCH_CHECK(y.dim() == 4 + r && y.size(0) == 2, op, ": y must be [2, K, B, Cout, *T] with ", r,
+              " spatial axes (the +eps and -eps outputs), got shape ", y.sizes());
+  TORCH_CHECK(target.device() == y.device(), op, ": target is on ", target.device(), " but y is on ",
+              y.device());
+  TORCH_CHECK(target.scalar_type() == y.scalar_type(), op, ": target dtype ", target.scalar_type(),
+              " does not match y dtype ", y.scalar_type());
+  TORCH_CHECK(target.sizes() == y.sizes().slice(2), op, ": target must be [B, Cout, *T] = ", y.sizes().slice(2),
+              " to match y of shape ", y.sizes(), ", got shape ", target.sizes());
+  TORCH_CHECK(probe_start >= 0, op, ": probe_start must be >= 0, got ", probe_start);
+  check_index(colors, y, op, "colors", "y");
+  check_index(boxes, y, op, "boxes", "y");
+  BoxGeometry g;
+  g.rank = static_cast<int>(r);
+  g.C = in_shape[0];
+  g.Cout = y.size(3);
+  g.channelwise = channelwise;
+  int64_t positions = 0;
+  for (int64_t a = 0; a < r; ++a) {
+    const int64_t slot = 3 - r + a;
+    g.S[slot] = in_shape[1 + a];
+    g.T[slot] = y.size(4 + a);
+    g.axis_offset[slot] = positions;
+    positions += g.S[slot];
+  }
+  TORCH_CHECK(colors.dim() == 1 && colors.numel() == g.C * g.in_spatial(), op,
+              ": colors must be 1-D with prod(in_shape) = ", g.C * g.in_spatial(), " entries, got shape ",
+              colors.sizes());
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == 2 && boxes.size(1) == positions, op,
+              ": boxes must be [2, sum(S)] = [2, ", positions, "] (lo and hi per input position of each axis), "
+              "got shape ", boxes.sizes());
+  TORCH_CHECK(!channelwise || g.Cout == g.C, op, ": channelwise needs as many output channels as input "
+              "channels, got ", g.Cout, " and ", g.C);
+  // Every non-empty box must lie inside its axis: the kernels index y with it.
+  std::vector<int64_t> limits;
+  for (int64_t a = 0; a < r; ++a) limits.insert(limits.end(), in_shape[1 + a], y.size(4 + a));
+  const auto limit = at::tensor(limits, boxes.options());
+  const auto lo = boxes[0], hi = boxes[1];
+  const bool outside = ((lo <= hi) & ((lo < 0) | (hi >= limit))).any().item<bool>();
+  TORCH_CHECK(!outside, op, ": boxes hold an interval outside the output axis (out of range)");
+  return g;
 }
 
 OwnerCsr owner_csr(const at::Tensor& owner, int64_t num_inputs) {

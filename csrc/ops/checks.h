@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../core/hzo_math.h"
+
 #include <optional>
 
 namespace hzo {
@@ -18,6 +20,14 @@ void check_perturb_args(const at::Tensor& a, const at::Tensor& colors, const at:
 // [-1, num_inputs), same device. Returns num_inputs; when not given, max(owner) + 1.
 int64_t check_contract_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& owner,
                             double eps, std::optional<int64_t> num_inputs);
+
+// contract_spp: y [2, K, B, Cout, *T] floating, target [B, Cout, *T] same dtype and device,
+// colors int64 [C * prod(S)], boxes int64 [2, sum(S)] (row 0: lo, row 1: hi per input position
+// of each axis, empty or inside [0, T_a)), in_shape = [C, *S] with 1 to 3 spatial axes,
+// channelwise needs Cout == C. Returns the geometry (lo/hi pointers left null).
+BoxGeometry check_contract_spp_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& colors,
+                                    int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
+                                    bool channelwise, double eps);
 
 // The owner map grouped by input coordinate, in (k, q) flat order: entries of coordinate s are
 // perm[offsets[s] .. offsets[s+1]). Device-agnostic (built with ATen on owner's device).

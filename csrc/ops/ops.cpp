@@ -12,4 +12,12 @@ TORCH_LIBRARY(hzo_ext, m) {
   // contract with the number of input coordinates given (trailing coordinates may own no
   // output; needed for static shapes under torch.compile).
   m.def("contract_sized(Tensor y, Tensor target, Tensor owner, float eps, int num_inputs) -> Tensor");
+  // contract with the owner map computed on the fly from an SPP coloring's geometry: y is
+  // [2, K, B, Cout, *T] for the probes (colors) probe_start .. probe_start + K - 1; input
+  // coordinate (c, p) of color probe_start + k gets the sum over its footprint box (boxes
+  // [2, sum(S)]: lo/hi output interval per input position of each axis; output channel c only
+  // when channelwise, else all) of target * (y[0, k] - y[1, k]) / (2 eps); others get 0.
+  // Returns [B, prod(in_shape)].
+  m.def("contract_spp(Tensor y, Tensor target, Tensor colors, int probe_start, Tensor boxes, int[] in_shape, "
+        "bool channelwise, float eps) -> Tensor");
 }
