@@ -147,7 +147,7 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
     (an upper bound; stage-internal temporaries are not counted).
 
     Planned by the C++ planner (csrc/core/plan.h) when the extension is loaded, else by the
-    Python loop below; both give the same Plan (docs/scheduler.md). Exceptions raised by the
+    Python loop below; both give the same Plan (docs/planner.md). Exceptions raised by the
     ``policy`` or ``probes`` callables propagate unchanged.
     """
     import operator

@@ -4,7 +4,7 @@
 ``hzo_ext.plan(model, x, ...)`` plans the splits ``HZO(model, ...)`` would run for input x
 (one clean forward for the shapes; no loss needed). Both use the C++ planner
 (``csrc/core/plan.h``, bound as ``hzo_ext._C.build_plan``) when the extension is loaded and
-the pure-Python one otherwise, with identical results (docs/scheduler.md).
+the pure-Python one otherwise, with identical results (docs/planner.md).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 // per-sample activation sizes |a_0| .. |a_L| alone, so cpp_tests exercise it without torch and
 // the Python package (hzo_ext.build_plan) and any executor share one plan.
 //
-// Semantics (those of hzo_ext.estimator.build_plan, docs/scheduler.md):
+// Semantics (those of hzo_ext.estimator.build_plan, docs/planner.md):
 //   - ranges (i, j] with j - i >= 2 are split at m (policy), top down, breadth first: level k
 //     holds the splits of depth k in the tree, left before right; children (i, m], (m, j].
 //   - probes K = probes(m, j) (default dense: |a_m|); queries = 2 K (j - m);
