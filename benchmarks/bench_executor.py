@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
-import math
 import platform
 import statistics
 import time
