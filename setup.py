@@ -34,6 +34,7 @@ def _want_cuda():
 def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                  + glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp"))
                   + glob.glob(os.path.join(ROOT, "csrc", "ops", "*.cpp"))
                   + glob.glob(os.path.join(ROOT, "csrc", "ops", "cpu", "*.cpp")))
     defines = [f'-DHZO_BUILD_TORCH_VERSION="{torch.__version__}"']

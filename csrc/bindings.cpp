@@ -12,6 +12,8 @@
 #define HZO_BUILD_CUDA_VERSION ""
 #endif
 
+void init_plan_bindings(pybind11::module_& m);  // plan_bindings.cpp: _C.build_plan
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hzo_ext compiled core: torch ops hzo_ext::perturb / contract / contract_sized";
   m.def("build_info", [] {
@@ -28,4 +30,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
+  init_plan_bindings(m);
 }

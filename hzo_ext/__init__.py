@@ -9,8 +9,10 @@ from .baselines import CGE, SPSA, Backprop
 from .estimator import HZO, EstimateStats, Plan, Split, build_plan
 from .info import info
 from .metrics import per_layer_cosine, reference_grads, grads_of
+from .planner import plan, planner_backend
 from .stages import BlackBox, ResidualBlock
 
 __all__ = ["ops", "has_extension", "info", "HZO", "CGE", "SPSA", "Backprop", "BlackBox", "ResidualBlock",
-           "EstimateStats", "Plan", "Split", "build_plan", "per_layer_cosine", "reference_grads", "grads_of"]
+           "EstimateStats", "Plan", "Split", "build_plan", "plan", "planner_backend", "per_layer_cosine",
+           "reference_grads", "grads_of"]
 __version__ = "0.1.0"

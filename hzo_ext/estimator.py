@@ -145,27 +145,59 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
     Predicted peak memory of a split = the query tensors of one chunk: the 2*c*B perturbed
     copies of a_m plus the largest input+output pair of a stage in the right sub-network
     (an upper bound; stage-internal temporaries are not counted).
+
+    Planned by the C++ planner (csrc/core/plan.h) when the extension is loaded, else by the
+    Python loop below; both give the same Plan (docs/planner.md). Exceptions raised by the
+    ``policy`` or ``probes`` callables propagate unchanged.
     """
+    import operator
+
+    from ._ext import _C  # read at call time: tests switch the C++ planner off
+
+    shapes = tuple(tuple(operator.index(d) for d in s) for s in shapes)  # ints (numpy ints too), not floats
     sizes = [math.prod(s) for s in shapes]
-    L = len(shapes) - 1
-    levels, ranges, level = [], [(0, L)], 0
-    while ranges:
-        here, nxt = [], []
-        for i, j in ranges:
-            if j - i < 2:
-                continue
-            m = choose_split(policy, i, j)
-            K = sizes[m] if probes is None else probes(m, j)
-            c = K if chunk_size is None else min(K, chunk_size)
-            rows = 2 * c * batch
-            peak = itemsize * rows * (sizes[m] + max(sizes[l - 1] + sizes[l] for l in range(m + 1, j + 1)))
-            here.append(Split(i, m, j, level, K, 2 * K * (j - m), math.ceil(K / c), peak, K == sizes[m]))
-            nxt += [(i, m), (m, j)]
-        if here:
-            levels.append(tuple(here))
-        ranges, level = nxt, level + 1
+    # The argument checks of csrc/core/plan.cpp, with the same messages.
+    if not sizes:
+        raise ValueError("sizes must hold the per-sample sizes of a_0 .. a_L (at least a_0), got none")
+    for l, n in enumerate(sizes):
+        if n < 1:
+            raise ValueError(f"the per-sample size of a_{l} must be >= 1, got {n!r} (shape {shapes[l]})")
+    for what, v in (("batch", batch), ("itemsize", itemsize)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be >= 1, got {v!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+    check_split_policy(policy)
+    if probes is not None and not callable(probes):
+        raise TypeError(f"probes must be a callable (m, j) -> K or None, got {probes!r}")
+
+    cpp = getattr(_C, "build_plan", None)
+    if cpp is not None:
+        levels = tuple(tuple(Split(*s) for s in level)
+                       for level in cpp(sizes, batch, policy, chunk_size, itemsize, probes))
+    else:
+        L = len(shapes) - 1
+        levels, ranges, level = [], [(0, L)], 0
+        while ranges:
+            here, nxt = [], []
+            for i, j in ranges:
+                if j - i < 2:
+                    continue
+                m = choose_split(policy, i, j)
+                K = sizes[m] if probes is None else probes(m, j)
+                if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+                    raise ValueError(f"probes(m, j) returned {K!r} for m={m}, j={j}; it must be an int >= 1")
+                c = K if chunk_size is None else min(K, chunk_size)
+                rows = 2 * c * batch
+                peak = itemsize * rows * (sizes[m] + max(sizes[l - 1] + sizes[l] for l in range(m + 1, j + 1)))
+                here.append(Split(i, m, j, level, K, 2 * K * (j - m), -(-K // c), peak, K == sizes[m]))
+                nxt += [(i, m), (m, j)]
+            if here:
+                levels.append(tuple(here))
+            ranges, level = nxt, level + 1
+        levels = tuple(levels)
     name = policy if isinstance(policy, str) else getattr(policy, "__name__", "callable")
-    return Plan(name, batch, tuple(tuple(s) for s in shapes), itemsize, chunk_size, tuple(levels))
+    return Plan(name, batch, shapes, itemsize, chunk_size, levels)
 
 
 # ---- the probe: perturb, run, contract -------------------------------------------------------
