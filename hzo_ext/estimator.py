@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import ops, spp as spp_geometry
+from . import _ext, ops, spp as spp_geometry
 from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
                      check_stages_static, run_stage, stage_name)
 
@@ -150,10 +151,6 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
     Python loop below; both give the same Plan (docs/planner.md). Exceptions raised by the
     ``policy`` or ``probes`` callables propagate unchanged.
     """
-    import operator
-
-    from ._ext import _C  # read at call time: tests switch the C++ planner off
-
     shapes = tuple(tuple(operator.index(d) for d in s) for s in shapes)  # ints (numpy ints too), not floats
     sizes = [math.prod(s) for s in shapes]
     # The argument checks of csrc/core/plan.cpp, with the same messages.
@@ -171,7 +168,7 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
     if probes is not None and not callable(probes):
         raise TypeError(f"probes must be a callable (m, j) -> K or None, got {probes!r}")
 
-    cpp = getattr(_C, "build_plan", None)
+    cpp = getattr(_ext._C, "build_plan", None)  # looked up per call: tests switch the C++ planner off
     if cpp is not None:
         levels = tuple(tuple(Split(*s) for s in level)
                        for level in cpp(sizes, batch, policy, chunk_size, itemsize, probes))

@@ -33,10 +33,10 @@ def _head(width: int, num_classes: int) -> list[nn.Module]:
     return [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(width, num_classes)]
 
 
-def digits_cnn(width: int = 8, num_classes: int = 10) -> nn.Sequential:
+def digits_cnn(width: int = 8, num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     """Small residual CNN for 8x8 digits ([N, 1, 8, 8]): conv stem, a residual block at 8x8, a
     strided residual block to 4x4 (1x1 strided shortcut), GAP+Flatten, Linear: 5 stages."""
-    return nn.Sequential(nn.Sequential(nn.Conv2d(1, width, 3, 1, 1), nn.GELU()),
+    return nn.Sequential(nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1), nn.GELU()),
                          _conv_block(width, width, branch_scale=0.5),
                          _conv_block(width, 2 * width, stride=2, branch_scale=0.5),
                          *_head(2 * width, num_classes))
