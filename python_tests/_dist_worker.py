@@ -108,6 +108,15 @@ def accumulate(rank, group):
     return dict(grads={n: p.grad.clone() for n, p in model.named_parameters()})
 
 
+def broadcast(rank, group):
+    """broadcast_parameters: rank 0's weights on every rank, then the ranks pass the check."""
+    model = deep_mlp(3, 8, "gelu", seed=rank)
+    hzo_ext.distributed.broadcast_parameters(model, group)
+    x, y = data()
+    hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True).backward(x, y)
+    return dict(weights={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
 def bad(kind, rank, group):
     """Scenarios that must raise on every rank."""
     x, y = data()
@@ -163,6 +172,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     for name in SCENARIOS:
         results[name] = run_scenario(name, rank, group)
     results["accumulate"] = accumulate(rank, group)
+    results["broadcast"] = broadcast(rank, group)
     for kind in BAD:
         results[kind] = bad(kind, rank, group)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))

@@ -119,6 +119,13 @@ def test_mismatched_ranks_raise_on_every_rank(ranks, kind, words):
         assert err is not None and all(w in err for w in words), err
 
 
+def test_broadcast_parameters(ranks):
+    ref = worker.deep_mlp(3, 8, "gelu", seed=0)
+    for r in range(WORLD):
+        for n, p in ref.named_parameters():
+            assert torch.equal(ranks[r]["broadcast"]["weights"][n], p.detach())
+
+
 def test_failure_inside_one_ranks_estimate_reaches_the_others(ranks):
     assert ranks[1]["dp_failure_inside_estimate"]["error"].startswith("ValueError: non-finite value")
     assert "1 other rank(s) failed" in ranks[0]["dp_failure_inside_estimate"]["error"]
@@ -132,6 +139,18 @@ def test_arguments_without_a_group():
         hzo_ext.Backprop(model, nn.CrossEntropyLoss(), process_group=object())
     with pytest.raises(TypeError, match="query_parallel must be a bool"):
         hzo_ext.HZO(model, nn.CrossEntropyLoss(), query_parallel=1)
+
+
+@pytest.mark.parametrize("options,words", [
+    (dict(distributed="dp"), "needs torchrun"),
+    (dict(distributed="qp", estimator="bp"), "needs --estimator hzo or cge"),
+    (dict(distributed="ddp"), "unknown --distributed 'ddp'"),
+])
+def test_train_distributed_options(monkeypatch, options, words):
+    from hzo_ext.train import TrainConfig, validate
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=words):
+        validate(TrainConfig(out="unused", **options))
 
 
 def test_torchrun_train_dp_then_resume_qp_matches_one_process(tmp_path):
