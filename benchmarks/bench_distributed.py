@@ -200,8 +200,11 @@ def plot(rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw=dict(width_ratios=[3, 2]))
-    names = [r["config"].replace(", ", "\n").replace("1 proc x 1 thread\nrank", "rank") for r in rows]
+    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(14, 4.6))
+    short = {"single": "1 proc", "dp": "2 procs\ndata-par.", "qp": "2 procs\nquery-par.",
+             "dp-alone": "rank 0 alone\ndata-par.", "qp-alone": "rank 0 alone\nquery-par."}
+    names = [short[r["mode"]] + (f"\n{int(r['threads_per_process'])} thread{'s' if r['threads_per_process'] > 1 else ''}"
+                                 if r["mode"] == "single" else "") for r in rows]
     bottom = [0.0] * len(rows)
     for key, label in (("compute_ms", "compute"), ("comm_ms", "collectives (incl. waiting)"),
                        ("check_ms", "cross-rank check")):

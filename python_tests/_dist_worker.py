@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from datetime import timedelta
 
@@ -177,7 +178,24 @@ def main(rank: int, world: int, port: int, out: str) -> None:
         results[kind] = bad(kind, rank, group)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    # Last, as it leaves a collective pending: rank 1 never calls backward, rank 0 must time out.
+    done = os.path.join(out, "timeout.txt")
+    if rank == 0:
+        hzo_ext.distributed.TIMEOUT = timedelta(seconds=2)
+        est = hzo_ext.HZO(deep_mlp(3, 8, "gelu"), nn.CrossEntropyLoss(), process_group=group)
+        try:
+            est.backward(*data())
+            message = "no error"
+        except Exception as exc:  # noqa: BLE001
+            message = f"{type(exc).__name__}: {exc}"
+        with open(done + ".tmp", "w") as f:
+            f.write(message)
+        os.replace(done + ".tmp", done)
+    else:
+        deadline = time.time() + 120
+        while not os.path.exists(done) and time.time() < deadline:
+            time.sleep(0.05)
+    os._exit(0)  # no destroy_process_group: rank 0's all_gather will never complete
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def ranks(tmp_path_factory):
                 q.kill()
             pytest.fail("the distributed workers did not finish within 240 s (a hang)")
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results[0]["timeout"] = (out / "timeout.txt").read_text()
+    return results
 
 
 def _assert_round_off(got: dict, ref: dict, rtol: float) -> None:
@@ -129,6 +131,10 @@ def test_broadcast_parameters(ranks):
 def test_failure_inside_one_ranks_estimate_reaches_the_others(ranks):
     assert ranks[1]["dp_failure_inside_estimate"]["error"].startswith("ValueError: non-finite value")
     assert "1 other rank(s) failed" in ranks[0]["dp_failure_inside_estimate"]["error"]
+
+
+def test_a_missing_rank_times_out_with_a_clear_error(ranks):
+    assert ranks[0]["timeout"].startswith("TimeoutError: hzo_ext.distributed: waited 2 s in the cross-rank check")
 
 
 def test_arguments_without_a_group():
