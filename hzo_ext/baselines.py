@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from . import distributed
 from .estimator import EstimateStats, StageEstimator, probe_targets
 from .stages import LossHead, as_stages, check_batch, check_eps, check_stages_static, run_stage
 
@@ -41,9 +42,9 @@ class CGE(StageEstimator):
                 a, eps = self._qcast(acts[l]), self._step(acts[l])
                 run = lambda z, n, l=l: to_loss(self._run_range(qstages, z, l, L), n)  # noqa: E731
                 ones = torch.ones(B, 1, dtype=a.dtype, device=a.device)
-                deltas[l] = probe_targets(run, a, ones, eps, self.chunk_size)
+                deltas[l] = probe_targets(run, a, ones, eps, self.chunk_size, shard=self._shard, what=f"a_{l}")
                 self._check_probe(deltas[l], qstages, a, l, L, eps, f"while probing a_{l} to the loss (CGE)")
-                K = a[0].numel()
+                K = a[0].numel() if self._shard is None else self._shard.count(a[0].numel())  # this rank's
                 self.last_stats.fd_layer_evals += 2 * K * (L - l)
                 self.last_stats.probes += K
         self._leaves(acts, local, deltas)
@@ -56,7 +57,7 @@ class SPSA:
     over all trainable parameters. Directions come from ``seed`` and the call count, so two
     estimators built with the same seed give the same sequence of estimates."""
 
-    def __init__(self, model, loss_fn, eps: float = 1e-3, num_samples: int = 1, seed: int = 0):
+    def __init__(self, model, loss_fn, eps: float = 1e-3, num_samples: int = 1, seed: int = 0, process_group=None):
         self.stages = as_stages(model)
         self.loss = LossHead(loss_fn)
         self.eps = check_eps(eps)
@@ -67,6 +68,7 @@ class SPSA:
         self.num_samples, self.seed, self.calls = num_samples, seed, 0
         self.params = list({id(p): p for s in self.stages for p in s.parameters() if p.requires_grad}.values())
         self.last_stats = EstimateStats()
+        distributed.attach(self, process_group)  # data-parallel: same directions, shard losses combined
 
     @torch.no_grad()
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,10 +109,11 @@ class SPSA:
 class Backprop:
     """Ordinary autograd through the whole chain, with the estimators' interface."""
 
-    def __init__(self, model, loss_fn):
+    def __init__(self, model, loss_fn, process_group=None):
         self.stages = as_stages(model)
         self.loss = LossHead(loss_fn)
         self.last_stats = EstimateStats()
+        distributed.attach(self, process_group)  # data-parallel, like DDP
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 
 def _train_parser(sub) -> None:
-    from .train import DATASETS, ESTIMATORS, MODELS, TrainConfig
+    from .train import DATASETS, DISTRIBUTED, ESTIMATORS, MODELS, TrainConfig
     d = TrainConfig(out="")
     p = sub.add_parser("train", help="train a model with HZO (default: residual MLP on digits, CPU)")
     p.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
@@ -28,6 +29,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--cosine-every", type=int, default=d.cosine_every,
                    help="steps between per-layer cosine checks against backprop on a held batch")
+    p.add_argument("--distributed", default=d.distributed,
+                   help=f"{', '.join(DISTRIBUTED)}; under torchrun: dp (each rank its block of every batch) or qp (each rank its block "
+                        "of the probes); auto: dp under torchrun, else none (docs/distributed.md)")
 
 
 def _run_train(args) -> int:
@@ -39,9 +43,12 @@ def _run_train(args) -> int:
         fields["out"] = time.strftime("runs/%Y%m%d-%H%M%S")
     cfg = TrainConfig(**fields)
     validate(cfg)
-    print(f"hzo-ext train: writing to {cfg.out}", flush=True)
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if lead:
+        print(f"hzo-ext train: writing to {cfg.out}", flush=True)
     final = train(cfg)
-    print(f"final test_acc={final['test_acc']:.4f} ({cfg.estimator}); outputs in {cfg.out}")
+    if lead:
+        print(f"final test_acc={final['test_acc']:.4f} ({cfg.estimator}); outputs in {cfg.out}")
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _ext, ops, spp as spp_geometry
+from . import _ext, distributed, ops, spp as spp_geometry
 from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
                      check_stages_static, run_stage, stage_name)
 
@@ -37,6 +37,8 @@ class EstimateStats:
     forward_calls: stage invocations from Python (clean forward, batched queries, black-box leaves).
     loss_evals: per-sample-loss evaluations of one (perturbed) copy of the batch.
     blackbox_evals: black-box stage runs on perturbed parameter copies (zeroth-order leaves).
+    With a process_group the counts are this rank's; comm_seconds: waiting in collectives
+    (gradient or partial-target sums), check_seconds: the cross-rank check (hzo_ext.distributed).
     """
     fd_layer_evals: int = 0
     probes: int = 0
@@ -45,6 +47,8 @@ class EstimateStats:
     seconds: float = 0.0
     blackbox_evals: int = 0
     splits: int = 0
+    comm_seconds: float = 0.0
+    check_seconds: float = 0.0
 
 
 # ---- the plan ------------------------------------------------------------------------------
@@ -200,7 +204,7 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
 # ---- the probe: perturb, run, contract -------------------------------------------------------
 
 def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: torch.Tensor, target: torch.Tensor,
-                  eps: float, chunk_size: int | None, coloring=None) -> torch.Tensor:
+                  eps: float, chunk_size: int | None, coloring=None, shard=None, what: str = "a split") -> torch.Tensor:
     """``delta = J^T target`` per sample, J = d run_right(a) / d a, by central differences.
 
     One probe per color of ``coloring`` (default dense: one per coordinate of a [B, *S]; or an
@@ -208,23 +212,33 @@ def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: tor
     ``run_right(z [2cB, *S], copies=2c) -> [2cB, *T]`` in one call and are contracted with
     target [B, *T] at once (``coloring.contract``: ops.contract with the dense owner map, or
     ops.contract_spp). Returns [B, *S].
+
+    ``shard`` (query-parallel, ``hzo_ext.distributed.Shard``): this rank runs only its block
+    of probe ids and the partial targets are summed across the ranks (``what`` names the
+    collective in errors).
     """
     n = math.prod(a.shape[1:])
     coloring = coloring or spp_geometry.DenseColoring(n)
     delta = None
-    for ids, copies in _perturbed_chunks(a, coloring, eps, chunk_size):
+    probes = None if shard is None else shard.probes(coloring.num_colors)
+    for ids, copies in _perturbed_chunks(a, coloring, eps, chunk_size, probes):
         out = run_right(copies, 2 * ids.numel())
         part = coloring.contract(out.reshape(2, ids.numel(), a.shape[0], *out.shape[1:]), target, ids, eps)
         delta = part if delta is None else delta + part
+    if shard is not None:
+        delta = shard.sum(delta, target, n, what)
     return delta.reshape(a.shape)
 
 
-def _perturbed_chunks(a: torch.Tensor, coloring, eps: float, chunk_size: int | None):
-    """Yields (probe ids, their +-eps copies of a as one batch [2cB, *S]), chunk_size probes at a time."""
-    colors, num_probes = coloring.colors(a.device), coloring.num_colors
-    chunk = num_probes if chunk_size is None else chunk_size
-    for start in range(0, num_probes, chunk):
-        ids = torch.arange(start, min(num_probes, start + chunk), device=a.device)
+def _perturbed_chunks(a: torch.Tensor, coloring, eps: float, chunk_size: int | None,
+                      probes: tuple[int, int] | None = None):
+    """Yields (probe ids, their +-eps copies of a as one batch [2cB, *S]), chunk_size probes at a
+    time, over the probe ids [lo, hi) = ``probes`` (default all)."""
+    colors = coloring.colors(a.device)
+    lo, hi = (0, coloring.num_colors) if probes is None else probes
+    chunk = max(1, hi - lo) if chunk_size is None else chunk_size
+    for start in range(lo, hi, chunk):
+        ids = torch.arange(start, min(hi, start + chunk), device=a.device)
         yield ids, ops.perturb(a, colors, ids, eps).reshape(-1, *a.shape[1:])  # [2, K, B, *S] flattened
 
 
@@ -240,7 +254,8 @@ class StageEstimator:
     """Clean forward, loss head and leaves, shared by HZO and CGE."""
 
     def __init__(self, model, loss_fn, eps: float = 1e-3, chunk_size: int | None = None,
-                 eps_mode: str = "absolute", query_dtype: torch.dtype | None = None, check_samples: bool = True):
+                 eps_mode: str = "absolute", query_dtype: torch.dtype | None = None, check_samples: bool = True,
+                 process_group=None, query_parallel: bool = False):
         self.model = model
         self.stages = as_stages(model)
         self.loss = LossHead(loss_fn)
@@ -259,6 +274,7 @@ class StageEstimator:
         self._dynamic_checked: set = set()
         self._no_vmap: set = set()  # black-box stages that cannot run under torch.vmap
         self.last_stats = EstimateStats()
+        distributed.attach(self, process_group, query_parallel, can_query_parallel=True)
 
     # -- pieces
 
@@ -336,7 +352,8 @@ class StageEstimator:
         (the reduction's scale is inside the per-sample loss, so the target is 1)."""
         z = self._qcast(logits)
         ones = torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
-        return probe_targets(self._per_sample_loss(y, z.shape[0]), z, ones, self._step(z), self.chunk_size)
+        return probe_targets(self._per_sample_loss(y, z.shape[0]), z, ones, self._step(z), self.chunk_size,
+                             shard=self._shard, what="the loss head")
 
     def _leaves(self, acts, local, deltas) -> None:
         """Weight gradients: local VJP of each stage with grad_output delta_l, or finite
@@ -422,12 +439,19 @@ class HZO(StageEstimator):
         query_dtype: run the probed sub-networks on copies of the stages in this dtype (e.g.
             torch.float64 for a float32 model).
         check_samples: run the one-time dynamic check (determinism, no in-batch mixing).
+        process_group: a ``torch.distributed`` group: data-parallel, each rank estimates on its
+            shard of the batch and the gradients are combined (the whole batch's gradient on
+            every rank); see ``hzo_ext.distributed`` and docs/distributed.md.
+        query_parallel: with process_group, every rank has the same batch and runs its block of
+            the probes of every split; the partial targets are summed (the single-process
+            estimate on every rank).
     """
 
     def __init__(self, model, loss_fn, eps: float = 1e-3, split="bisect", chunk_size: int | None = None,
                  spp="auto", eps_mode: str = "absolute", query_dtype: torch.dtype | None = None,
-                 check_samples: bool = True):
-        super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples)
+                 check_samples: bool = True, process_group=None, query_parallel: bool = False):
+        super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples,
+                         process_group, query_parallel)
         check_split_policy(split)
         if spp not in ("auto", True, False):
             raise ValueError(f"spp must be 'auto', True or False, got {spp!r}")
@@ -525,10 +549,12 @@ class HZO(StageEstimator):
         a, eps = self._qcast(a_m), self._step(a_m)
         coloring = self._split_coloring(s.m, s.j, shapes)
         delta = probe_targets(lambda z, n: self._run_range(qstages, z, s.m, s.j), a, self._qcast(delta_j),
-                              eps, self.chunk_size, coloring)
+                              eps, self.chunk_size, coloring, shard=self._shard,
+                              what=f"split ({s.i}, {s.m}, {s.j}]")
         self._check_probe(delta, qstages, a, s.m, s.j, eps,
                           f"while probing split ({s.i}, {s.m}, {s.j}] (perturbed a_{s.m})", coloring)
-        self.last_stats.fd_layer_evals += s.queries
-        self.last_stats.probes += s.probes
+        mine = s.probes if self._shard is None else self._shard.count(s.probes)  # this rank's probes
+        self.last_stats.fd_layer_evals += 2 * mine * (s.j - s.m)
+        self.last_stats.probes += mine
         self.last_stats.splits += 1
         return delta

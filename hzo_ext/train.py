@@ -5,6 +5,11 @@ steps: the per-layer cosine of the estimate against backprop on a held batch. Wr
 ``metrics.csv``, ``cosine.csv``, PNG plots, and an atomic checkpoint after every epoch;
 ``resume=True`` continues a killed run to the same final weights as an uninterrupted one
 (data order and SPSA directions are functions of the seed and the epoch/step counters).
+
+Under torchrun (docs/distributed.md), ``distributed='dp'`` gives each rank its block of every
+batch, ``'qp'`` shards the probes of every batch's estimate; both keep the single-process
+batches and sampling order, so the run matches a single-process one to round-off. Rank 0
+alone prints, plots and writes checkpoints; a resume loads on rank 0 and broadcasts.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed as hzo_dist
 from .baselines import CGE, SPSA, Backprop
 from .data import load_cifar10, load_digits
 from .estimator import HZO
@@ -27,6 +33,7 @@ from .models import residual_mlp
 ESTIMATORS = ("hzo", "cge", "spsa", "bp")
 MODELS = ("resmlp",)
 DATASETS = ("digits", "cifar10")
+DISTRIBUTED = ("auto", "none", "dp", "qp")  # auto: dp under torchrun (WORLD_SIZE set), else none
 
 
 @dataclass
@@ -48,6 +55,7 @@ class TrainConfig:
     depth: int = 4
     cosine_every: int = 50
     resume: bool = False
+    distributed: str = "auto"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -71,6 +79,20 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--device {cfg.device}: no CUDA device is available")
     if cfg.dataset == "cifar10" and not cfg.data_dir:
         raise ValueError("--dataset cifar10 needs --data-dir FOLDER holding data_batch_1..5 and test_batch")
+    if cfg.distributed not in DISTRIBUTED:
+        raise ValueError(f"unknown --distributed {cfg.distributed!r} (choose from {', '.join(DISTRIBUTED)})")
+    if cfg.distributed == "qp" and cfg.estimator not in ("hzo", "cge"):
+        raise ValueError(f"--distributed qp shards probes: it needs --estimator hzo or cge, not {cfg.estimator}")
+    if cfg.distributed in ("dp", "qp") and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--distributed {cfg.distributed} needs torchrun (WORLD_SIZE is not set), e.g. "
+                         f"torchrun --nproc_per_node 2 -m hzo_ext train --distributed {cfg.distributed}")
+
+
+def distributed_mode(cfg: TrainConfig) -> str:
+    """'none', 'dp' or 'qp' ('auto': dp under torchrun with more than one process)."""
+    if cfg.distributed != "auto":
+        return cfg.distributed
+    return "dp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
 
 
 def load_dataset(cfg: TrainConfig):
@@ -85,14 +107,15 @@ def build_model(cfg: TrainConfig, data) -> nn.Sequential:
     return residual_mlp(in_features, cfg.width, cfg.depth, data.num_classes)
 
 
-def build_estimator(cfg: TrainConfig, model, loss_fn):
+def build_estimator(cfg: TrainConfig, model, loss_fn, group=None):
+    qp = group is not None and distributed_mode(cfg) == "qp"
     if cfg.estimator == "hzo":
-        return HZO(model, loss_fn, eps=cfg.eps, split=cfg.split)
+        return HZO(model, loss_fn, eps=cfg.eps, split=cfg.split, process_group=group, query_parallel=qp)
     if cfg.estimator == "cge":
-        return CGE(model, loss_fn, eps=cfg.eps)
+        return CGE(model, loss_fn, eps=cfg.eps, process_group=group, query_parallel=qp)
     if cfg.estimator == "spsa":
-        return SPSA(model, loss_fn, eps=cfg.eps, seed=cfg.seed)
-    return Backprop(model, loss_fn)
+        return SPSA(model, loss_fn, eps=cfg.eps, seed=cfg.seed, process_group=group)
+    return Backprop(model, loss_fn, process_group=group)
 
 
 @torch.no_grad()
@@ -105,11 +128,12 @@ def evaluate(model, x, y, loss_fn, batch=512):
     return total_loss / len(x), correct / len(x)
 
 
-def estimate_cosines(model, estimator, loss_fn, x, y) -> list[float]:
-    """Per-layer cosine of one estimate against backprop on (x, y); gradients are restored."""
+def estimate_cosines(model, estimator, loss_fn, x, y, part: slice = slice(None)) -> list[float]:
+    """Per-layer cosine of one estimate against backprop on (x, y); gradients are restored.
+    ``part``: the rows this rank's estimator sees (data-parallel), default all."""
     saved = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    estimator.backward(x, y)
+    estimator.backward(x[part], y[part])
     est = grads_of(model)
     model.zero_grad(set_to_none=True)
     loss_fn(model(x), y).backward()
@@ -130,13 +154,33 @@ def _atomic_save(obj, path: str) -> None:
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) a training run; returns the final metrics row."""
     validate(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
+    mode = distributed_mode(cfg)
+    if mode == "none":
+        return _train(cfg, None, 0, 1, cfg.device)
+    group, rank, world, device = hzo_dist.init_from_env(cfg.device)
+    try:
+        return _train(cfg, group, rank, world, device)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, group, rank: int, world: int, device: str) -> dict:
+    lead = rank == 0  # prints, plots and writes checkpoints
+    if lead:
+        os.makedirs(cfg.out, exist_ok=True)
     data = load_dataset(cfg)
-    device = torch.device(cfg.device)
+    device = torch.device(device)
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test))
+    # data-parallel: rank r estimates on its block of every (global) batch of n samples
+    part = (lambda n: slice(*hzo_dist.block(n, rank, world))) if distributed_mode(cfg) == "dp" else \
+        (lambda n: slice(None))
+    smallest = min(cfg.batch_size, len(x_tr) % cfg.batch_size or cfg.batch_size)
+    if distributed_mode(cfg) == "dp" and smallest < world:
+        raise ValueError(f"--distributed dp: a batch of {smallest} samples cannot give each of {world} ranks one; "
+                         f"use a larger --batch-size or fewer processes")
     model = build_model(cfg, data).to(device)
     loss_fn = nn.CrossEntropyLoss()
-    estimator = build_estimator(cfg, model, loss_fn)
+    estimator = build_estimator(cfg, model, loss_fn, group)
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
     optimizer = opt_cls(model.parameters(), lr=cfg.lr)
     held = torch.Generator().manual_seed(cfg.seed + 1)
@@ -145,33 +189,44 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     history, cosines, start_epoch = [], [], 0
     if cfg.resume:
-        if not os.path.isfile(ckpt_path):
+        state = None
+        if lead and os.path.isfile(ckpt_path):
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if group is not None:  # rank 0's checkpoint to every rank (no shared filesystem needed)
+            box = [state]
+            torch.distributed.broadcast_object_list(box, src=0, group=group,
+                                                    device=device if device.type == "cuda" else None)
+            state = box[0]
+        if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, cosines, start_epoch = state["history"], state["cosines"], state["epoch"]
         if isinstance(estimator, SPSA):
             estimator.calls = state["spsa_calls"]
-        print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+        if lead:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
     steps_per_epoch = (len(x_tr) + cfg.batch_size - 1) // cfg.batch_size
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch))
         model.train()
         running = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0,
+                   disable=not lead)
         for step in bar:
             global_step = epoch * steps_per_epoch + step
             if global_step % cfg.cosine_every == 0 and cfg.estimator != "bp":
                 probe_model = copy.deepcopy(model)
-                cos = estimate_cosines(probe_model, build_estimator(cfg, probe_model, loss_fn), loss_fn,
-                                       x_tr[held_idx], y_tr[held_idx])
+                cos = estimate_cosines(probe_model, build_estimator(cfg, probe_model, loss_fn, group), loss_fn,
+                                       x_tr[held_idx], y_tr[held_idx], part(len(held_idx)))
                 cosines.append([global_step] + cos)
-                bar.write(f"step {global_step}: per-layer cosine vs backprop min={min(cos):.6f}")
+                if lead:
+                    bar.write(f"step {global_step}: per-layer cosine vs backprop min={min(cos):.6f}")
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = estimator.backward(x_tr[idx], y_tr[idx])
+            mine = idx[part(len(idx))]
+            loss = estimator.backward(x_tr[mine], y_tr[mine])  # the whole batch's loss
             optimizer.step()
             running += float(loss) * len(idx)
             bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
@@ -180,6 +235,8 @@ def train(cfg: TrainConfig) -> dict:
         row = dict(epoch=epoch + 1, train_loss=running / len(x_tr), test_loss=test_loss, test_acc=test_acc,
                    seconds=time.perf_counter() - t0)
         history.append(row)
+        if not lead:
+            continue
         print(f"epoch {epoch + 1}/{cfg.epochs} train_loss={row['train_loss']:.4f} test_loss={test_loss:.4f} "
               f"test_acc={test_acc:.4f} ({row['seconds']:.1f}s)", flush=True)
         _atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), history=history,
