@@ -5,7 +5,7 @@ of the ResNet-20-style model at 32x32 against float64 autograd.
 
 Part 1: the model is hzo_ext.models.digits_cnn (stem conv, residual block, strided residual
 block with a 1x1 shortcut, GAP, Linear; width 8) with 3 input channels, at H = W = 16, 32, 64, batch 2,
-float32, split='bisect'. Probes and fd_layer_evals come from the plan (exact counts); time is the
+float32, split='bisect', chunk_size 512 (both modes). Probes and fd_layer_evals come from the plan (exact counts); time is the
 median of --repeats estimates. Dense runs only while its predicted queries stay under
 --dense-max-queries (beyond that it would take hours on 2 cores): those rows say 'not run'.
 Part 2: resnet20_cifar (width 16) on one batch of 32x32 inputs: per-layer cosine of one HZO+SPP
@@ -45,7 +45,7 @@ def time_estimate(est, x, y, repeats: int) -> float:
     return statistics.median(times)
 
 
-def spp_vs_dense(sizes, batch: int, repeats: int, dense_max_queries: int) -> list[dict]:
+def spp_vs_dense(sizes, batch: int, repeats: int, dense_max_queries: int, chunk_size: int) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     model = digits_cnn(width=8, in_channels=3)
@@ -53,7 +53,7 @@ def spp_vs_dense(sizes, batch: int, repeats: int, dense_max_queries: int) -> lis
         gen = torch.Generator().manual_seed(n)
         x, y = torch.randn(batch, 3, n, n, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
         for mode, spp in (("spp", "auto"), ("dense", False)):
-            est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), spp=spp)
+            est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), spp=spp, chunk_size=chunk_size)
             plan = est.plan(x)
             # the splits at feature maps: C * min(s, H) * min(s, W) probes with SPP
             spatial = [s.probes for s in plan.splits if len(plan.shapes[s.m]) == 3]
@@ -140,13 +140,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-max-queries", type=int, default=2_000_000)
+    ap.add_argument("--chunk-size", type=int, default=512, help="probes per batched query (bounds memory)")
     ap.add_argument("--resnet-batch", type=int, default=4)
     ap.add_argument("--skip-resnet", action="store_true")
     args = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     command = "python benchmarks/bench_spp.py " + " ".join(
-        f"--sizes {' '.join(map(str, args.sizes))} --batch {args.batch} --repeats {args.repeats}".split())
-    rows = spp_vs_dense(args.sizes, args.batch, args.repeats, args.dense_max_queries)
+        f"--sizes {' '.join(map(str, args.sizes))} --batch {args.batch} --repeats {args.repeats} "
+        f"--chunk-size {args.chunk_size}".split())
+    rows = spp_vs_dense(args.sizes, args.batch, args.repeats, args.dense_max_queries, args.chunk_size)
     write_csv(os.path.join(RESULTS, "spp_cpu.csv"), rows, command)
     plot(rows, os.path.join(RESULTS, "spp_cpu.png"))
     if not args.skip_resnet:

@@ -17,8 +17,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--split", default=d.split, help="bisect or chain")
     p.add_argument("--eps", type=float, default=d.eps)
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--width", type=int, default=d.width)
-    p.add_argument("--depth", type=int, default=d.depth, help="residual blocks")
+    p.add_argument("--width", type=int, default=d.width,
+                   help="resmlp: hidden width (64); cnn / resnet20: channels of the first stage (8 / 16)")
+    p.add_argument("--depth", type=int, default=d.depth, help="residual blocks of resmlp")
     p.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (python pickle batches)")
     p.add_argument("--device", default=d.device)

@@ -42,12 +42,12 @@ def digits_cnn(width: int = 8, num_classes: int = 10, in_channels: int = 1) -> n
                          *_head(2 * width, num_classes))
 
 
-def resnet20_cifar(num_classes: int = 10, width: int = 16) -> nn.Sequential:
+def resnet20_cifar(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> nn.Sequential:
     """ResNet-20-style for 32x32 ([N, 3, 32, 32]): conv stem, 3 groups of 3 residual blocks at
     widths w, 2w, 4w (the first block of groups 2 and 3 strided, 1x1 conv shortcut), GAP+Flatten
     and Linear: 12 stages, 19 convs + 2 shortcut convs + 1 linear. No BatchNorm (stages must treat
     samples independently; the residual branches are scaled down at init instead)."""
-    stages = [nn.Sequential(nn.Conv2d(3, width, 3, 1, 1), nn.GELU())]
+    stages = [nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1), nn.GELU())]
     c_in = width
     for group, c_out in enumerate((width, 2 * width, 4 * width)):
         for block in range(3):

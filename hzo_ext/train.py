@@ -28,10 +28,11 @@ from .baselines import CGE, SPSA, Backprop
 from .data import load_cifar10, load_digits
 from .estimator import HZO
 from .metrics import grads_of, per_layer_cosine
-from .models import residual_mlp
+from .models import digits_cnn, residual_mlp, resnet20_cifar
 
 ESTIMATORS = ("hzo", "cge", "spsa", "bp")
-MODELS = ("resmlp",)
+MODELS = ("resmlp", "cnn", "resnet20")  # residual MLP; models.digits_cnn; models.resnet20_cifar
+DEFAULT_WIDTH = {"resmlp": 64, "cnn": 8, "resnet20": 16}
 DATASETS = ("digits", "cifar10")
 DISTRIBUTED = ("auto", "none", "dp", "qp")  # auto: dp under torchrun (WORLD_SIZE set), else none
 
@@ -51,7 +52,7 @@ class TrainConfig:
     lr: float = 3e-3
     optimizer: str = "adam"
     seed: int = 0
-    width: int = 64
+    width: int | None = None  # None: the model's default (DEFAULT_WIDTH)
     depth: int = 4
     cosine_every: int = 50
     resume: bool = False
@@ -70,6 +71,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown split {cfg.split!r} (choose from bisect, chain)")
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optimizer!r} (choose from adam, sgd)")
+    if cfg.width is None:
+        cfg.width = DEFAULT_WIDTH[cfg.model]
     for name in ("epochs", "batch_size", "width", "depth", "cosine_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -96,11 +99,20 @@ def distributed_mode(cfg: TrainConfig) -> str:
 
 
 def load_dataset(cfg: TrainConfig):
-    return load_digits() if cfg.dataset == "digits" else load_cifar10(cfg.data_dir)
+    if cfg.dataset == "digits":
+        return load_digits(image=cfg.model != "resmlp")  # [N, 1, 8, 8] for the convolutional models
+    return load_cifar10(cfg.data_dir)
 
 
 def build_model(cfg: TrainConfig, data) -> nn.Sequential:
+    """resmlp: --depth residual blocks of --width; cnn: digits_cnn with --width channels (two
+    residual conv blocks, GAP, Linear; HZO probes its conv splits with SPP); resnet20: the
+    ResNet-20-style model with base width --width (--depth does not apply to cnn/resnet20)."""
     torch.manual_seed(cfg.seed)
+    if cfg.model == "cnn":
+        return digits_cnn(cfg.width, data.num_classes, in_channels=data.input_shape[0])
+    if cfg.model == "resnet20":
+        return resnet20_cifar(data.num_classes, cfg.width, in_channels=data.input_shape[0])
     in_features = 1
     for s in data.input_shape:
         in_features *= s
@@ -270,7 +282,8 @@ def plot_run(cfg: TrainConfig, history, cosines, stage_ids) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title = f"{cfg.estimator.upper()} ({cfg.split}) on {cfg.dataset}, {cfg.model} width {cfg.width} depth {cfg.depth}"
+    shape = f"width {cfg.width} depth {cfg.depth}" if cfg.model == "resmlp" else f"width {cfg.width}"
+    title = f"{cfg.estimator.upper()} ({cfg.split}) on {cfg.dataset}, {cfg.model} {shape}"
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
