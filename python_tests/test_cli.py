@@ -20,12 +20,23 @@ def hzo_ext(*args, **kw):
     (["train", "--estimator", "magic"], "unknown estimator 'magic'"),
     (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent"], "lacks data_batch_1"),
     (["train", "--eps", "0"], "--eps and --lr must be positive"),
+    (["train", "--model", "vgg"], "unknown model 'vgg'"),
 ])
 def test_bad_command_line_is_one_line_and_exit_2(args, words, tmp_path):
     result = hzo_ext(*args, "--out", str(tmp_path))
     assert result.returncode == 2, result.stderr
     assert words in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cnn_model_trains_on_digit_images(tmp_path):
+    # the conv model gets [N, 1, 8, 8] images; HZO on it runs in benchmarks/train_digits_cnn.py (CI)
+    result = hzo_ext("train", "--model", "cnn", "--estimator", "bp", "--epochs", "2", "--lr", "1e-2",
+                     "--cosine-every", "1000", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    accs = [float(line.split("test_acc=")[1].split()[0]) for line in result.stdout.splitlines()
+            if line.startswith("epoch") and "test_acc=" in line]
+    assert len(accs) == 2 and accs[-1] > 0.5  # 10 classes: chance is 0.1
 
 
 def test_info_runs():
