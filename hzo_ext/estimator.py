@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import ops, spp as spp_geometry
+from . import executor as cpp_executor, ops, spp as spp_geometry
 from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
                      check_stages_static, run_stage, stage_name)
 
@@ -393,11 +393,16 @@ class HZO(StageEstimator):
         query_dtype: run the probed sub-networks on copies of the stages in this dtype (e.g.
             torch.float64 for a float32 model).
         check_samples: run the one-time dynamic check (determinism, no in-batch mixing).
+        executor: 'python' (this module), 'cpp' (the C++ executor, ``hzo_ext.executor``;
+            ValueError naming the option it cannot run) or 'auto' (cpp when the extension is
+            loaded and every option is supported, else python). ``self.executor`` tells which.
+        fold: C++ executor only: fold the +-eps of a split into the first Linear of its right
+            sub-network (fewer FLOPs; round-off differs from the Python path, docs/executor.md).
     """
 
     def __init__(self, model, loss_fn, eps: float = 1e-3, split="bisect", chunk_size: int | None = None,
                  spp="auto", eps_mode: str = "absolute", query_dtype: torch.dtype | None = None,
-                 check_samples: bool = True):
+                 check_samples: bool = True, executor: str = "auto", fold: bool = False):
         super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples)
         check_split_policy(split)
         if spp not in ("auto", True, False):
@@ -406,6 +411,8 @@ class HZO(StageEstimator):
         self.spp = spp
         self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
         self._spp_warned: set = set()
+        self._cpp = cpp_executor.select(self, executor, fold)  # None: the Python path
+        self.executor = "python" if self._cpp is None else "cpp"
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
         """The one place deciding how split (m, j] is probed: SPP coloring or dense (see ``spp``)."""
@@ -447,6 +454,8 @@ class HZO(StageEstimator):
         return self._build_plan(shapes, x.shape[0], (self.query_dtype or x.dtype).itemsize)
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._cpp is not None:
+            return self._cpp.backward(x, y)
         t0 = time.perf_counter()
         self._prepare(x, y)
         acts, local = self._clean_forward(x)
