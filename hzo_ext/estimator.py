@@ -396,13 +396,15 @@ class HZO(StageEstimator):
         executor: 'python' (this module), 'cpp' (the C++ executor, ``hzo_ext.executor``;
             ValueError naming the option it cannot run) or 'auto' (cpp when the extension is
             loaded and every option is supported, else python). ``self.executor`` tells which.
-        fold: C++ executor only: fold the +-eps of a split into the first Linear of its right
-            sub-network (fewer FLOPs; round-off differs from the Python path, docs/executor.md).
+        fast: C++ executor only: reassociate floating-point work to do less of it (fold +-eps
+            into large first Linears of right sub-networks, stack small same-shaped right
+            sub-networks of a level); round-off then differs from the Python path
+            (docs/executor.md).
     """
 
     def __init__(self, model, loss_fn, eps: float = 1e-3, split="bisect", chunk_size: int | None = None,
                  spp="auto", eps_mode: str = "absolute", query_dtype: torch.dtype | None = None,
-                 check_samples: bool = True, executor: str = "auto", fold: bool = False):
+                 check_samples: bool = True, executor: str = "auto", fast: bool = False):
         super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples)
         check_split_policy(split)
         if spp not in ("auto", True, False):
@@ -411,7 +413,7 @@ class HZO(StageEstimator):
         self.spp = spp
         self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
         self._spp_warned: set = set()
-        self._cpp = cpp_executor.select(self, executor, fold)  # None: the Python path
+        self._cpp = cpp_executor.select(self, executor, fast)  # None: the Python path
         self.executor = "python" if self._cpp is None else "cpp"
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:

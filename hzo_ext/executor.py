@@ -11,8 +11,9 @@ updates are seen); anything else becomes a callback into Python, called once per
 standard modules only make no Python call during an estimate.
 
 The queries are bit-for-bit those of the Python path, so the targets agree exactly; the leaves
-run as one autograd call and may differ by round-off. ``fold=True`` trades that bitwise
-agreement for fewer FLOPs (see docs/executor.md).
+run as one autograd call and may differ by round-off. ``fast=True`` trades that bitwise
+agreement for less work: +-eps folded into large first Linears of right sub-networks, small
+same-shaped right sub-networks of a level stacked into one batched query (docs/executor.md).
 """
 from __future__ import annotations
 
@@ -53,23 +54,23 @@ def unsupported_option(est) -> str | None:
     return None
 
 
-def select(est, executor: str, fold: bool):
+def select(est, executor: str, fast: bool):
     """The CppExecutor for ``est``, or None for the Python path; ValueError for executor='cpp'
-    (or fold=True) when the C++ executor cannot run it."""
+    (or fast=True) when the C++ executor cannot run it."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    if not isinstance(fold, bool):
-        raise ValueError(f"fold must be a bool, got {fold!r}")
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be a bool, got {fast!r}")
     if executor == "python":
-        if fold:
-            raise ValueError("fold=True needs the C++ executor (executor='cpp' or 'auto')")
+        if fast:
+            raise ValueError("fast=True needs the C++ executor (executor='cpp' or 'auto')")
         return None
     why = unsupported_option(est)
     if why is None:
-        return CppExecutor(est, fold)
+        return CppExecutor(est, fast)
     if executor == "cpp":
         raise ValueError(f"executor='cpp': {why}; use executor='python' or 'auto'")
-    return None  # auto: the Python path (fold changes nothing there but the round-off)
+    return None  # auto: the Python path (fast=True changes nothing there but the round-off)
 
 
 # ---- lowering ------------------------------------------------------------------------------------
@@ -234,27 +235,25 @@ class CppExecutor:
     """Runs ``HZO.backward`` in C++ for one estimator; lowering and plans are cached and
     re-validated cheaply on every call (parameter/buffer/child identity, modes, hooks)."""
 
-    def __init__(self, est, fold: bool = False):
+    def __init__(self, est, fast: bool = False):
         self.est = est
-        self.fold = fold
-        self._low = None  # see _lowered
+        self.fast = fast
+        self._low = None  # see _lower
         self._plans: dict = {}
+        self.last_outcome: dict = {}  # the C++ side's counts of the last estimate (folded, stacked, ...)
 
     # -- cache
 
-    def _lowered(self):
+    def _lower(self):
         """(Executor, the lowered modules' state, stages with Python parts, first parameter of
-        each stage), lowered again when a lowered module changed."""
+        each stage)."""
         est = self.est
-        if self._low is not None and _same_state(self._low[1]):
-            return self._low
         from . import _C
-        check_stages_static(est.stages)
         nodes, watch, python_stages = lower(est.stages)
         params = [list(s.parameters()) for s in est.stages]
         kind, weight, ignore, smoothing, reduction = _loss_spec(est.loss)
         core = _C.Executor(nodes, params, kind, weight, ignore, smoothing, reduction, est.eps,
-                           est.eps_mode == "relative", est.chunk_size, self.fold)
+                           est.eps_mode == "relative", est.chunk_size, self.fast)
         self._low = (core, _state(watch), python_stages, [p[0] for p in params if p])
         self._plans.clear()
         return self._low
@@ -287,22 +286,38 @@ class CppExecutor:
 
     # -- the estimate
 
-    def _check_inputs(self, x, y, firsts) -> None:
-        """stages.check_batch, with its per-stage parameter loop done quickly (the full check,
-        for its message, only when something is wrong)."""
+    def _checked_lowering(self, x, y):
+        """The Python path's input and static checks (stages.check_batch, check_stages_static),
+        in its order, then the lowering, done again when a lowered module changed. With an
+        unchanged lowering, check_batch's per-stage parameter loop runs quickly (the full check,
+        for its message, only when something is wrong) and the static check only for stages
+        that run in Python (the lowering's state covers the others' modes)."""
+        est = self.est
+        if self._low is None or not _same_state(self._low[1]):
+            check_batch(x, y, est.stages)
+            check_stages_static(est.stages)
+            return self._lower()
         check_batch(x, y, [])
-        if any((p.is_floating_point() and p.dtype != x.dtype) or p.device != x.device for p in firsts):
-            check_batch(x, y, self.est.stages)
+        if any((p.is_floating_point() and p.dtype != x.dtype) or p.device != x.device for p in self._low[3]):
+            check_batch(x, y, est.stages)
+        if self._low[2]:
+            check_stages_static(est.stages)
+        return self._low
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from .estimator import EstimateStats, _check_finite
+        from .estimator import EstimateStats
         t0 = time.perf_counter()
         est = self.est
-        core, _, python_stages, firsts = self._lowered()  # static checks when (re)lowered
-        if python_stages:
-            check_stages_static(est.stages)  # modules run by Python may change mode between calls
-        self._check_inputs(x, y, firsts)
+        core, _, python_stages, _ = self._checked_lowering(x, y)
         stats = est.last_stats = EstimateStats()
+        try:
+            return self._estimate(core, python_stages, x, y, stats, t0)
+        finally:
+            core.release()  # activations and graphs, also when a check raised
+
+    def _estimate(self, core, python_stages, x, y, stats, t0) -> torch.Tensor:
+        from .estimator import _check_finite
+        est = self.est
         try:
             acts = core.forward(x)
         except Exception:
@@ -318,7 +333,7 @@ class CppExecutor:
         native = self._native_loss(acts[-1], y)
         loss = None if native and est.loss._checked else est.loss.check_reproduces(acts[-1], y)
         callback = None if native else est._per_sample_loss(y, x.shape[0])
-        out = core.estimate(plan, y, callback, loss is None)
+        out = self.last_outcome = core.estimate(plan, y, callback, loss is None)
         stats.forward_calls += out["python_calls"]
         stats.loss_evals += out["loss_evals"]
         if out["failure"] == "head":

@@ -456,7 +456,7 @@ def test_auto_falls_back_and_cpp_refuses_clearly(monkeypatch):
         assert hzo_ext.HZO(model, CE()).executor == "cpp"
         monkeypatch.setattr(hzo_ext._ext, "_C", None)  # as with HZO_EXT_DISABLE=1
     assert hzo_ext.HZO(model, CE()).executor == "python"
-    assert hzo_ext.HZO(model, CE(), fold=True).executor == "python"
+    assert hzo_ext.HZO(model, CE(), fast=True).executor == "python"
     with pytest.raises(ValueError, match="executor='cpp'.*extension is not loaded"):
         hzo_ext.HZO(model, CE(), executor="cpp")
 
@@ -471,8 +471,8 @@ def test_unsupported_options_pick_python_or_raise():
             hzo_ext.HZO(model_, CE(), executor="cpp", **kw)
     with pytest.raises(ValueError, match="executor must be one of"):
         hzo_ext.HZO(model, CE(), executor="c++")
-    with pytest.raises(ValueError, match="fold=True needs the C\\+\\+ executor"):
-        hzo_ext.HZO(model, CE(), executor="python", fold=True)
+    with pytest.raises(ValueError, match="fast=True needs the C\\+\\+ executor"):
+        hzo_ext.HZO(model, CE(), executor="python", fast=True)
 
 
 def test_disabled_extension_subprocess():
@@ -488,33 +488,52 @@ def test_disabled_extension_subprocess():
     assert "disabled by HZO_EXT_DISABLE" in out.stdout
 
 
-# ---- fold: fewer FLOPs, the same estimate up to round-off ----------------------------------------------
+# ---- fast=True: less work, the same estimate up to round-off ------------------------------------------
+
+def _fast(model, x, y, **kw):
+    model.zero_grad(set_to_none=True)
+    est = hzo_ext.HZO(model, CE(), executor="cpp", fast=True, **kw)
+    est.backward(x, y)
+    return hzo_ext.grads_of(model), est._cpp.last_outcome
+
 
 @needs_ext
 @pytest.mark.parametrize("split", ["bisect", "chain"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_fold_float64_matches_python(residual, split):
-    model = mlp(9, 16, "gelu", residual)
+def test_fast_stacks_small_levels_float64(residual, split):
+    model = mlp(13, 16, "gelu", residual)
     x, y = batch(4)
     g_py, _, _ = _run(model, CE(), x, y, "python", split=split, chunk_size=6)
-    g, _, _ = _run(model, CE(), x, y, "cpp", split=split, chunk_size=6, fold=True)
-    assert _max_rel(g, g_py) <= 1e-9  # round-off only (amplified by 1/eps)
+    g, out = _fast(model, x, y, split=split, chunk_size=6)
+    assert _max_rel(g, g_py) <= 1e-10  # round-off only (amplified by 1/eps)
+    assert out["stacked"] >= (4 if split == "bisect" else 0) and out["folded"] == 0
 
 
 @needs_ext
-def test_fold_shortcut_and_float32_accuracy():
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_fast_folds_large_first_linears_float64(chunk_size):
+    model = mlp(6, 64, "gelu", residual=True, din=16, dout=10)
+    x, y = batch(8, 16, 10)
+    g_py, _, _ = _run(model, CE(), x, y, "python", chunk_size=chunk_size)
+    g, out = _fast(model, x, y, chunk_size=chunk_size)
+    assert _max_rel(g, g_py) <= 1e-10 and out["folded"] > 0
+
+
+@needs_ext
+def test_fast_shortcut_and_float32_accuracy():
     torch.manual_seed(0)
-    block = lambda: hzo_ext.ResidualBlock(nn.Sequential(nn.Linear(16, 16), nn.GELU()),  # noqa: E731
-                                          shortcut=nn.Linear(16, 16))
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), block(), block(), nn.Linear(16, 5))
-    x, y = batch(4, dtype=torch.float32)
+    block = lambda: hzo_ext.ResidualBlock(nn.Sequential(nn.Linear(64, 64), nn.GELU()),  # noqa: E731
+                                          shortcut=nn.Linear(64, 64))
+    model = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), block(), block(), block(), nn.Linear(64, 5))
+    x, y = batch(8, dtype=torch.float32)
     ref = hzo_ext.reference_grads(model, CE(), x, y)
-    g, _, _ = _run(model, CE(), x, y, "cpp", fold=True)
-    assert min(hzo_ext.per_layer_cosine(model, g, ref)) >= 0.9999
+    g, out = _fast(model, x, y)
+    assert out["folded"] > 0
+    assert min(hzo_ext.per_layer_cosine(model, g, ref)) >= 0.9999  # float32 noise, like the Python path
     model64 = model.double()
     g_py, _, _ = _run(model64, CE(), x.double(), y, "python")
-    g, _, _ = _run(model64, CE(), x.double(), y, "cpp", fold=True)
-    assert _max_rel(g, g_py) <= 1e-9
+    g, _ = _fast(model64, x.double(), y)
+    assert _max_rel(g, g_py) <= 1e-10
 
 
 @pytest.mark.needs_cuda

@@ -111,7 +111,7 @@ void bind(py::module_& m) {
       .def(py::init([](std::vector<Node> stages, const std::vector<std::vector<at::Tensor>>& params,
                        const std::string& loss_kind, std::optional<at::Tensor> weight, int64_t ignore_index,
                        double label_smoothing, int64_t reduction, double eps, bool relative,
-                       std::optional<int64_t> chunk_size, bool fold) {
+                       std::optional<int64_t> chunk_size, bool fast) {
              LossSpec loss;
              loss.kind = loss_kind == "cross_entropy" ? LossKind::CrossEntropy
                          : loss_kind == "mse"         ? LossKind::MSE
@@ -124,15 +124,16 @@ void bind(py::module_& m) {
              options.eps = eps;
              options.relative = relative;
              options.chunk_size = chunk_size;
-             options.fold = fold;
+             options.fast = fast;
              return std::make_unique<Executor>(std::move(stages), params, loss, options);
            }),
            py::arg("stages"), py::arg("params"), py::arg("loss_kind"), py::arg("weight"), py::arg("ignore_index"),
            py::arg("label_smoothing"), py::arg("reduction"), py::arg("eps"), py::arg("relative"),
-           py::arg("chunk_size"), py::arg("fold"))
+           py::arg("chunk_size"), py::arg("fast"))
       .def("forward", &Executor::forward, py::arg("x"), py::call_guard<py::gil_scoped_release>(),
            "Clean forward; returns a_0..a_L (detached).")
       .def_property_readonly("forward_python_calls", &Executor::forward_python_calls)
+      .def("release", &Executor::release, "Drops the last forward's activations and graphs.")
       .def(
           "estimate",
           [](Executor& self, const Plan& plan, const at::Tensor& y, py::object per_sample_loss, bool want_loss) {
@@ -153,6 +154,9 @@ void bind(py::module_& m) {
             d["probes"] = o.probes;
             d["splits"] = o.splits;
             d["python_calls"] = o.python_calls;
+            d["folded"] = o.folded;
+            d["stacked"] = o.stacked;
+            d["concurrent"] = o.concurrent;
             return d;
           },
           py::arg("plan"), py::arg("y"), py::arg("per_sample_loss"), py::arg("want_loss"),

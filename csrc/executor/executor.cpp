@@ -79,6 +79,59 @@ at::Tensor run_folded(const Node& node, const at::Tensor& a, const at::Tensor& i
   }
 }
 
+// Output features of the Linear a foldable node starts with.
+int64_t first_linear_outputs(const Node& node) {
+  return node.kind == Kind::Linear ? node.tensors[0].size(0) : first_linear_outputs(node.children[0]);
+}
+
+// fast mode: fold when the skipped matmul has at least this many multiply-adds (below, the
+// extra small ops of folding cost more than the matmul), stack a split whose widest query
+// tensor has fewer elements than kStackBelow (overhead-bound: one op for the whole group).
+constexpr int64_t kFoldPays = int64_t{1} << 20;
+constexpr int64_t kStackBelow = int64_t{1} << 16;
+
+// S same-structured nodes (Node::stackable_with) run as one on x [S, rows, features]: Linear
+// as a batched matmul with the S weights stacked, elementwise nodes on the stacked tensor.
+struct Stacked {
+  const Node* proto = nullptr;
+  at::Tensor weight_t;  // Linear: [S, in, out]
+  at::Tensor bias;      // Linear: [S, 1, out] or undefined
+  std::vector<Stacked> children;
+
+  explicit Stacked(const std::vector<const Node*>& nodes) : proto(nodes[0]) {
+    if (proto->kind == Kind::Linear) {
+      std::vector<at::Tensor> w, b;
+      for (const Node* n : nodes) {
+        w.push_back(n->tensors[0].t());
+        if (n->tensors[1].defined()) b.push_back(n->tensors[1]);
+      }
+      weight_t = at::stack(w);
+      if (!b.empty()) bias = at::stack(b).unsqueeze(1);
+    }
+    for (size_t c = 0; c < proto->children.size(); ++c) {
+      std::vector<const Node*> kids;
+      for (const Node* n : nodes) kids.push_back(&n->children[c]);
+      children.emplace_back(kids);
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& x, RunCounts& run) const {
+    switch (proto->kind) {
+      case Kind::Linear:
+        return bias.defined() ? at::baddbmm(bias, x, weight_t) : at::bmm(x, weight_t);
+      case Kind::Sequential: {
+        at::Tensor z = x;
+        for (const auto& c : children) z = c.forward(z, run);
+        return z;
+      }
+      case Kind::Residual:
+        return (proto->has_shortcut ? children[1].forward(x, run) : x) + children[0].forward(x, run);
+      default:  // elementwise, the same hyperparameters for all S
+        return proto->compute(x, run);
+    }
+  }
+};
+
 // True when every tensor is finite; one device sync for all of them.
 bool all_finite(const std::vector<at::Tensor>& ts) {
   if (ts.empty()) return true;
@@ -134,10 +187,16 @@ double Executor::step(const at::Tensor& a) const {
   return rms > 0 && std::isfinite(rms) ? options_.eps * rms : options_.eps;
 }
 
-std::vector<at::Tensor> Executor::forward(const at::Tensor& x) {
-  HZO_NVTX(range, "hzo/forward");
+void Executor::release() {
   acts_.clear();
   local_.clear();
+  estimate_range_.end();
+}
+
+std::vector<at::Tensor> Executor::forward(const at::Tensor& x) {
+  release();
+  estimate_range_.start("hzo/estimate");
+  HZO_NVTX(range, "hzo/forward");
   widest_.assign(stages_.size(), 0);
   forward_calls_ = 0;
   const int64_t B = x.size(0);
@@ -178,11 +237,13 @@ at::Tensor Executor::query_chunk(const SplitPlan& s, const Chunk& c, const at::T
     copies = perturb_op(a, s.colors, c.ids, eps).reshape(rows_shape(a));  // [2KB, *S]
   }
   HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/query");
-  if (options_.fold && s.dense && a.dim() == 2 && first.foldable()) {
+  if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
+      copies.numel() * first_linear_outputs(first) >= kFoldPays) {
     // d[side, k, b] = fl(a[b, ids[k]] +- eps) - a[b, ids[k]]: the step perturb applied
     const at::Tensor sel = a.index_select(1, c.ids);  // [B, K]
     const at::Tensor d = at::stack({(sel + eps) - sel, (sel - eps) - sel}).transpose(1, 2).unsqueeze(-1).contiguous();
     at::Tensor z = run_folded(first, a, c.ids, d, copies, run);
+    ++run.folded;
     return run_range(s.m + 1, s.j, std::move(z), run);
   }
   return run_range(s.m, s.j, std::move(copies), run);
@@ -265,26 +326,115 @@ bool Executor::single_threaded(const SplitPlan& s) const {
   return a.is_cpu() && 2 * chunk * a.size(0) * width < at::internal::GRAIN_SIZE;
 }
 
+bool Executor::stackable(const SplitPlan& a, const SplitPlan& b) const {
+  const at::Tensor& x = acts_[a.m];
+  const at::Tensor& y = acts_[b.m];
+  if (!a.dense || !b.dense || a.j - a.m != b.j - b.m || x.dim() != 2 || x.sizes() != y.sizes() ||
+      a.probes != b.probes) {
+    return false;
+  }
+  int64_t width = x.size(1), chunk = 0;
+  for (int64_t l = 0; l < a.j - a.m; ++l) {
+    if (!stages_[a.m + l].stackable_with(stages_[b.m + l])) return false;
+    width = std::max({width, widest_[a.m + l], widest_[b.m + l]});
+  }
+  for (const auto& c : a.chunks) chunk = std::max(chunk, c.ids.numel());
+  return 2 * chunk * x.size(0) * width < kStackBelow;
+}
+
+void Executor::run_stacked(const std::vector<const SplitPlan*>& group, std::vector<at::Tensor>& deltas,
+                           RunCounts& run) const {
+  const int64_t S = static_cast<int64_t>(group.size());
+  const SplitPlan& s0 = *group[0];
+  const int64_t B = acts_[s0.m].size(0), n = acts_[s0.m].size(1);
+  HZO_NVTX(r, "hzo/stacked" + std::to_string(S) + "x" + std::to_string(s0.m) + "-" + std::to_string(s0.j));
+  std::vector<at::Tensor> a, targets;
+  std::vector<double> eps;
+  bool same_eps = true;
+  for (const SplitPlan* s : group) {
+    a.push_back(acts_[s->m]);
+    targets.push_back(deltas[s->j]);
+    eps.push_back(step(acts_[s->m]));
+    same_eps = same_eps && eps.back() == eps[0];
+  }
+  std::vector<Stacked> stages;  // position l of every right sub-network, weights stacked once
+  for (int64_t l = 0; l < s0.j - s0.m; ++l) {
+    std::vector<const Node*> nodes;
+    for (const SplitPlan* s : group) nodes.push_back(&stages_[s->m + l]);
+    stages.emplace_back(nodes);
+  }
+  const at::Tensor target = at::cat(targets);  // [S * B, Q]
+  std::vector<at::Tensor> delta(group.size());
+  for (size_t ci = 0; ci < s0.chunks.size(); ++ci) {
+    const Chunk& c = s0.chunks[ci];
+    const int64_t K = c.ids.numel();
+    at::Tensor z;  // [S, 2KB, n]
+    if (same_eps) {  // one perturb of the S activations side by side: [2, K, S*B, n] -> [S, 2KB, n]
+      z = perturb_op(at::cat(a), s0.colors, c.ids, eps[0]).view({2, K, S, B, n}).permute({2, 0, 1, 3, 4});
+    } else {
+      std::vector<at::Tensor> copies;
+      for (int64_t k = 0; k < S; ++k) copies.push_back(perturb_op(a[k], s0.colors, c.ids, eps[k]));
+      z = at::stack(copies);
+    }
+    z = z.reshape({S, 2 * K * B, n});
+    for (const auto& st : stages) z = st.forward(z, run);
+    const int64_t Q = z.size(2);
+    if (same_eps) {  // one contraction of all S: [S, 2, K, B, Q] -> [2, K, S*B, Q]
+      const at::Tensor y = z.view({S, 2, K, B, Q}).permute({1, 2, 0, 3, 4}).reshape({2, K, S * B, Q});
+      const at::Tensor part = contract_chunk(c, y, target, eps[0], s0.num_inputs).view({S, B, -1});
+      for (int64_t k = 0; k < S; ++k) delta[k] = delta[k].defined() ? delta[k] + part[k] : part[k];
+    } else {
+      for (int64_t k = 0; k < S; ++k) {
+        const at::Tensor part = contract_chunk(c, z[k].view({2, K, B, Q}), targets[k], eps[k], s0.num_inputs);
+        delta[k] = delta[k].defined() ? delta[k] + part : part;
+      }
+    }
+  }
+  for (int64_t k = 0; k < S; ++k) deltas[group[k]->m] = delta[k].reshape(acts_[group[k]->m].sizes());
+}
+
 void Executor::run_level(const std::vector<SplitPlan>& level, std::vector<at::Tensor>& deltas, Outcome& out) const {
+  std::vector<RunCounts> calls(level.size());
+  std::vector<bool> done(level.size(), false);
+  if (options_.fast) {  // groups of small same-shaped splits, each run as one stacked query
+    for (size_t k = 0; k < level.size(); ++k) {
+      if (done[k]) continue;
+      std::vector<const SplitPlan*> group{&level[k]};
+      for (size_t o = k + 1; o < level.size(); ++o) {
+        if (!done[o] && stackable(level[k], level[o])) group.push_back(&level[o]);
+      }
+      if (group.size() < 2) continue;
+      run_stacked(group, deltas, calls[k]);
+      for (const SplitPlan* s : group) done[static_cast<size_t>(s - level.data())] = true;
+      out.stacked += static_cast<int64_t>(group.size());
+    }
+  }
   // The splits of a level are independent. When every query tensor is below ATen's parallel
   // grain, every op runs single-threaded in the Python path too, so running the splits on
   // concurrent threads (each op then single-threaded) gives the same bits.
   bool concurrent = level.size() > 1 && at::get_num_threads() > 1 && !at::in_parallel_region();
-  for (size_t k = 0; k < level.size() && concurrent; ++k) concurrent = single_threaded(level[k]);
-  std::vector<RunCounts> calls(level.size());
+  for (size_t k = 0; k < level.size() && concurrent; ++k) concurrent = done[k] || single_threaded(level[k]);
   if (concurrent) {
+    for (size_t k = 0; k < level.size(); ++k) out.concurrent += done[k] ? 0 : 1;
     const at::ThreadLocalState tls;  // grad mode, dispatch-key exclusions: as on this thread
     std::vector<at::Tensor> results(level.size());
     at::parallel_for(0, static_cast<int64_t>(level.size()), 1, [&](int64_t begin, int64_t end) {
       at::ThreadLocalStateGuard guard(tls);
-      for (int64_t k = begin; k < end; ++k) results[k] = probe_split(level[k], deltas[level[k].j], calls[k]);
+      for (int64_t k = begin; k < end; ++k) {
+        if (!done[k]) results[k] = probe_split(level[k], deltas[level[k].j], calls[k]);
+      }
     });
-    for (size_t k = 0; k < level.size(); ++k) deltas[level[k].m] = results[k];
+    for (size_t k = 0; k < level.size(); ++k) {
+      if (!done[k]) deltas[level[k].m] = results[k];
+    }
   } else {
-    for (size_t k = 0; k < level.size(); ++k) deltas[level[k].m] = probe_split(level[k], deltas[level[k].j], calls[k]);
+    for (size_t k = 0; k < level.size(); ++k) {
+      if (!done[k]) deltas[level[k].m] = probe_split(level[k], deltas[level[k].j], calls[k]);
+    }
   }
   for (size_t k = 0; k < level.size(); ++k) {
     out.python_calls += calls[k].python_calls;
+    out.folded += calls[k].folded;
     out.fd_layer_evals += level[k].queries;
     out.probes += level[k].probes;
     out.splits += 1;
@@ -329,7 +479,6 @@ void Executor::leaves(const std::vector<at::Tensor>& deltas) const {
 
 Outcome Executor::estimate(const Plan& plan, const at::Tensor& y, const LossCallback& per_sample_loss,
                            bool want_loss) {
-  HZO_NVTX(range, "hzo/estimate");
   TORCH_CHECK(!acts_.empty(), "hzo executor: estimate() before forward()");
   Outcome out;
   const int64_t L = static_cast<int64_t>(stages_.size());
@@ -371,14 +520,12 @@ Outcome Executor::estimate(const Plan& plan, const at::Tensor& y, const LossCall
           out.bad = deltas[plan.levels[k][s].m];
         }
       }
-      acts_.clear();
-      local_.clear();
+      release();
       return out;
     }
   }
   leaves(deltas);
-  acts_.clear();
-  local_.clear();
+  release();
   return out;
 }
 

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "nvtx.h"
+
 // Hidden like pybind11's own types (the bindings' classes would otherwise warn).
 #pragma GCC visibility push(hidden)
 
@@ -23,6 +25,7 @@ namespace hzo::exec {
 struct RunCounts {
   int64_t python_calls = 0;
   int64_t widest = 0;
+  int64_t folded = 0;  // query chunks run with a folded first Linear
 };
 
 // A stage Python runs: module(x) -> tensor.
@@ -61,6 +64,10 @@ struct Node {
   at::Tensor forward(const at::Tensor& x, RunCounts& run) const;
   // True when the node is, or starts with, a Linear whose +-eps input moves can be folded.
   bool foldable() const;
+  // True when `other` computes the same function of other parameters of the same shapes, with
+  // only Linear, activation, Identity, Sequential and Residual nodes: S such nodes run as one
+  // on a stacked input [S, rows, features] (see executor.cpp, Stacked).
+  bool stackable_with(const Node& other) const;
   // forward() without the counting of its own output.
   at::Tensor compute(const at::Tensor& x, RunCounts& run) const;
   // True when running the node calls Python.
@@ -106,7 +113,10 @@ struct Options {
   double eps = 1e-3;
   bool relative = false;  // eps * rms(a) per perturbed activation
   std::optional<int64_t> chunk_size;
-  bool fold = false;      // fold +-eps into the first Linear of a right sub-network (changes round-off)
+  // Allow reassociating floating-point work (round-off then differs from the Python path):
+  // fold +-eps into the first Linear of a right sub-network where that saves a large matmul,
+  // and run the small same-shaped right sub-networks of a level as one stacked query.
+  bool fast = false;
 };
 
 // What one estimate did; `failure` names the first non-finite target ("" when none), in which
@@ -117,6 +127,7 @@ struct Outcome {
   at::Tensor bad;
   at::Tensor loss;      // the reduced loss (when asked for)
   int64_t loss_evals = 0, fd_layer_evals = 0, probes = 0, splits = 0, python_calls = 0;
+  int64_t folded = 0, stacked = 0, concurrent = 0;  // splits run folded, stacked, on concurrent threads
 };
 
 class Executor {
@@ -133,6 +144,8 @@ class Executor {
   Outcome estimate(const Plan& plan, const at::Tensor& y, const LossCallback& per_sample_loss, bool want_loss);
 
   int64_t forward_python_calls() const { return forward_calls_; }
+  // Drops the activations and graphs of the last forward (estimate() does it when it ends).
+  void release();
   const Options& options() const { return options_; }
 
  private:
@@ -144,6 +157,8 @@ class Executor {
   at::Tensor loss_head(const Plan& plan, const at::Tensor& y, const LossCallback& per_sample_loss,
                        std::vector<at::Tensor>& checked, Outcome& out) const;
   void run_level(const std::vector<SplitPlan>& level, std::vector<at::Tensor>& deltas, Outcome& out) const;
+  bool stackable(const SplitPlan& a, const SplitPlan& b) const;
+  void run_stacked(const std::vector<const SplitPlan*>& group, std::vector<at::Tensor>& deltas, RunCounts& run) const;
   void leaves(const std::vector<at::Tensor>& deltas) const;
 
   std::vector<Node> stages_;
@@ -154,6 +169,7 @@ class Executor {
   std::vector<bool> python_;     // per stage: calls Python
   std::vector<int64_t> widest_;  // per stage: widest tensor per sample in the last clean forward
   int64_t forward_calls_ = 0;
+  NvtxSpan estimate_range_;  // hzo/estimate: from the clean forward to the leaves
 };
 
 // The owner map of dense probes ids [K]: [K, num_outputs], row k all ids[k] (ops.dense_owner).

@@ -18,10 +18,37 @@ class NvtxRange {
   NvtxRange& operator=(const NvtxRange&) = delete;
 };
 
+// A range that may span calls (hzo/estimate opens in the clean forward and closes after the
+// leaves): start() ends the previous one.
+class NvtxSpan {
+ public:
+  void start(const char* name) {
+    end();
+    id_ = nvtxRangeStartA(name);
+    open_ = true;
+  }
+  void end() {
+    if (open_) nvtxRangeEnd(id_);
+    open_ = false;
+  }
+  ~NvtxSpan() { end(); }
+
+ private:
+  nvtxRangeId_t id_ = 0;
+  bool open_ = false;
+};
+
 }  // namespace hzo::exec
 
 // A range named `name` (a std::string expression) open until the end of the scope.
 #define HZO_NVTX(var, name) ::hzo::exec::NvtxRange var(name)
 #else
+namespace hzo::exec {
+class NvtxSpan {
+ public:
+  void start(const char*) {}
+  void end() {}
+};
+}  // namespace hzo::exec
 #define HZO_NVTX(var, name) ((void)0)
 #endif

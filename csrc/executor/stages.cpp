@@ -215,6 +215,27 @@ at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
   TORCH_CHECK(false, "hzo executor: unhandled node kind");
 }
 
+bool Node::stackable_with(const Node& o) const {
+  if (kind != o.kind || children.size() != o.children.size()) return false;
+  switch (kind) {
+    case Kind::Linear:
+      return tensors[0].sizes() == o.tensors[0].sizes() && tensors[1].defined() == o.tensors[1].defined() &&
+             tensors[0].scalar_type() == o.tensors[0].scalar_type();
+    case Kind::ReLU: case Kind::GELU: case Kind::Tanh: case Kind::Sigmoid: case Kind::SiLU: case Kind::LeakyReLU:
+    case Kind::ELU: case Kind::Softplus: case Kind::Hardtanh: case Kind::Mish: case Kind::Hardswish:
+    case Kind::Identity:
+      return text == o.text && p0 == o.p0 && p1 == o.p1;
+    case Kind::Sequential:
+    case Kind::Residual:
+      for (size_t c = 0; c < children.size(); ++c) {
+        if (!children[c].stackable_with(o.children[c])) return false;
+      }
+      return true;
+    default:
+      return false;
+  }
+}
+
 bool Node::calls_python() const {
   if (kind == Kind::Callback) return true;
   for (const auto& c : children) {
