@@ -18,6 +18,7 @@ same-shaped right sub-networks of a level stacked into one batched query (docs/e
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 
@@ -201,18 +202,24 @@ _MODE_MATTERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 def _state(watch) -> tuple:
     """What lowering read from the modules that can change without a new object: hooks, the
     identity of parameters, buffers and children (a replaced tensor or child means lowering
-    again), and the mode of BatchNorm/Dropout."""
+    again), and the mode of BatchNorm/Dropout. Flat lists, so the per-estimate check is cheap."""
     mods = [m for m, native in watch if native]
     hooked = [m for m, native in watch if not native]
+    hook_dicts = [d for m in mods for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                            m._backward_pre_hooks)]
     dicts = [d for m in mods for d in (m._parameters, m._buffers, m._modules) if d]
     moded = [m for m in mods if isinstance(m, _MODE_MATTERS)]
-    return mods, hooked, dicts, [list(map(id, d.values())) for d in dicts], moded, [m.training for m in moded]
+    return hook_dicts, hooked, dicts, _ids(dicts), moded, [m.training for m in moded]
+
+
+def _ids(dicts) -> list[int]:
+    return list(map(id, itertools.chain.from_iterable(map(dict.values, dicts))))
 
 
 def _same_state(state) -> bool:
-    mods, hooked, dicts, ids, moded, modes = state
-    return (not any(map(_hooked, mods)) and all(map(_hooked, hooked))
-            and [list(map(id, d.values())) for d in dicts] == ids and [m.training for m in moded] == modes)
+    hook_dicts, hooked, dicts, ids, moded, modes = state
+    return (not any(hook_dicts) and all(map(_hooked, hooked)) and _ids(dicts) == ids
+            and [m.training for m in moded] == modes)
 
 
 # ---- one estimate ----------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_deep_mlp_small_float32_many_splits(split, dtype):
 @needs_ext
 @pytest.mark.parametrize("split", ["bisect", "chain"])
 def test_float32_residual_depth64(split):
-    model = mlp(64, 128, "gelu", residual=True, din=16, dout=10, dtype=torch.float32, residual_scale=0.25)
+    model = mlp(64, 48, "gelu", residual=True, din=16, dout=10, dtype=torch.float32, residual_scale=0.25)
     _same_as_python(model, CE(), *batch(8, 16, 10, dtype=torch.float32), split=split)
 
 
@@ -91,7 +91,7 @@ def test_float32_relative_eps(split):
 
 @needs_ext
 def test_float32_plain_gelu_chain_and_chunks():
-    model = mlp(20, 32, "gelu", residual=False, din=16, dout=10, dtype=torch.float32)
+    model = mlp(12, 32, "gelu", residual=False, din=16, dout=10, dtype=torch.float32)
     x, y = batch(8, 16, 10, dtype=torch.float32)
     _same_as_python(model, CE(), x, y, split="chain", chunk_size=5)
     _same_as_python(model, CE(), x, y, split="bisect", chunk_size=32)
@@ -184,9 +184,8 @@ def test_residual_mlp(dtype):
 # ---- conv models of test_spp.py ----------------------------------------------------------------
 
 @needs_ext
-@pytest.mark.parametrize("split", ["bisect", "chain"])
-@pytest.mark.parametrize("spp", ["auto", False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype,spp,split", [(torch.float32, "auto", "bisect"), (torch.float32, False, "chain"),
+                                             (torch.float64, "auto", "chain")])
 def test_strided_cnn(dtype, spp, split):
     model = strided_cnn(dtype)
     x, y = _data((3, 2, 11, 9), dtype=dtype)
@@ -219,9 +218,10 @@ def test_conv1d_maxpool_ceil_same_padding():
 def test_digits_cnn_and_resnet20(dtype):
     model = digits_cnn().to(dtype)
     _same_as_python(model, CE(), *_data((4, 1, 8, 8), classes=10, dtype=dtype), split="chain")
-    torch.manual_seed(0)
-    model = resnet20_cifar(width=2).to(dtype)
-    _same_as_python(model, CE(), *_data((2, 3, 8, 8), classes=10, dtype=dtype))
+    if dtype == torch.float32:
+        torch.manual_seed(0)
+        model = resnet20_cifar(width=2).to(dtype)
+        _same_as_python(model, CE(), *_data((2, 3, 8, 8), classes=10, dtype=dtype))
 
 
 @needs_ext
