@@ -36,7 +36,8 @@ def _extension():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
                   + glob.glob(os.path.join(ROOT, "csrc", "core", "*.cpp"))
                   + glob.glob(os.path.join(ROOT, "csrc", "ops", "*.cpp"))
-                  + glob.glob(os.path.join(ROOT, "csrc", "ops", "cpu", "*.cpp")))
+                  + glob.glob(os.path.join(ROOT, "csrc", "ops", "cpu", "*.cpp"))
+                  + glob.glob(os.path.join(ROOT, "csrc", "executor", "*.cpp")))
     defines = [f'-DHZO_BUILD_TORCH_VERSION="{torch.__version__}"']
     cxx = ["-O3"]
     if not _want_cuda():

@@ -2,6 +2,10 @@
 // exposes build diagnostics. Ops go through the dispatcher, not through pybind11.
 #include <torch/extension.h>
 
+namespace hzo::exec {
+void bind(pybind11::module_& m);  // csrc/executor/bind.cpp
+}
+
 #ifndef HZO_BUILD_TORCH_VERSION
 #define HZO_BUILD_TORCH_VERSION "unknown"
 #endif
@@ -31,4 +35,5 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   init_plan_bindings(m);
+  hzo::exec::bind(m);
 }

@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _ext, distributed, ops, spp as spp_geometry
+from . import _ext, distributed, executor as cpp_executor, ops, spp as spp_geometry
+from .nvtx import nvtx_range
 from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
                      check_stages_static, run_stage, stage_name)
 
@@ -204,7 +205,8 @@ def build_plan(shapes: Sequence[Sequence[int]], batch: int, policy="bisect", chu
 # ---- the probe: perturb, run, contract -------------------------------------------------------
 
 def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: torch.Tensor, target: torch.Tensor,
-                  eps: float, chunk_size: int | None, coloring=None, shard=None, what: str = "a split") -> torch.Tensor:
+                  eps: float, chunk_size: int | None, coloring=None, shard=None, what: str = "a split",
+                  nvtx: str = "hzo/probe") -> torch.Tensor:
     """``delta = J^T target`` per sample, J = d run_right(a) / d a, by central differences.
 
     One probe per color of ``coloring`` (default dense: one per coordinate of a [B, *S]; or an
@@ -215,15 +217,17 @@ def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: tor
 
     ``shard`` (query-parallel, ``hzo_ext.distributed.Shard``): this rank runs only its block
     of probe ids and the partial targets are summed across the ranks (``what`` names the
-    collective in errors).
+    collective in errors). ``nvtx``: prefix of the profiler ranges <nvtx>/{perturb,query,contract}.
     """
     n = math.prod(a.shape[1:])
     coloring = coloring or spp_geometry.DenseColoring(n)
     delta = None
     probes = None if shard is None else shard.probes(coloring.num_colors)
-    for ids, copies in _perturbed_chunks(a, coloring, eps, chunk_size, probes):
-        out = run_right(copies, 2 * ids.numel())
-        part = coloring.contract(out.reshape(2, ids.numel(), a.shape[0], *out.shape[1:]), target, ids, eps)
+    for ids, copies in _perturbed_chunks(a, coloring, eps, chunk_size, probes, nvtx):
+        with nvtx_range(f"{nvtx}/query"):
+            out = run_right(copies, 2 * ids.numel())
+        with nvtx_range(f"{nvtx}/contract"):
+            part = coloring.contract(out.reshape(2, ids.numel(), a.shape[0], *out.shape[1:]), target, ids, eps)
         delta = part if delta is None else delta + part
     if shard is not None:
         delta = shard.sum(delta, target, n, what)
@@ -231,7 +235,7 @@ def probe_targets(run_right: Callable[[torch.Tensor, int], torch.Tensor], a: tor
 
 
 def _perturbed_chunks(a: torch.Tensor, coloring, eps: float, chunk_size: int | None,
-                      probes: tuple[int, int] | None = None):
+                      probes: tuple[int, int] | None = None, nvtx: str = "hzo/probe"):
     """Yields (probe ids, their +-eps copies of a as one batch [2cB, *S]), chunk_size probes at a
     time, over the probe ids [lo, hi) = ``probes`` (default all)."""
     colors = coloring.colors(a.device)
@@ -239,7 +243,9 @@ def _perturbed_chunks(a: torch.Tensor, coloring, eps: float, chunk_size: int | N
     chunk = max(1, hi - lo) if chunk_size is None else chunk_size
     for start in range(lo, hi, chunk):
         ids = torch.arange(start, min(hi, start + chunk), device=a.device)
-        yield ids, ops.perturb(a, colors, ids, eps).reshape(-1, *a.shape[1:])  # [2, K, B, *S] flattened
+        with nvtx_range(f"{nvtx}/perturb"):
+            copies = ops.perturb(a, colors, ids, eps).reshape(-1, *a.shape[1:])  # [2, K, B, *S] flattened
+        yield ids, copies
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -445,11 +451,19 @@ class HZO(StageEstimator):
         query_parallel: with process_group, every rank has the same batch and runs its block of
             the probes of every split; the partial targets are summed (the single-process
             estimate on every rank).
+        executor: 'python' (this module), 'cpp' (the C++ executor, ``hzo_ext.executor``;
+            ValueError naming the option it cannot run) or 'auto' (cpp when the extension is
+            loaded and every option is supported, else python). ``self.executor`` tells which.
+        fast: C++ executor only: reassociate floating-point work to do less of it (fold +-eps
+            into large first Linears of right sub-networks, stack small same-shaped right
+            sub-networks of a level); round-off then differs from the Python path
+            (docs/executor.md).
     """
 
     def __init__(self, model, loss_fn, eps: float = 1e-3, split="bisect", chunk_size: int | None = None,
                  spp="auto", eps_mode: str = "absolute", query_dtype: torch.dtype | None = None,
-                 check_samples: bool = True, process_group=None, query_parallel: bool = False):
+                 check_samples: bool = True, process_group=None, query_parallel: bool = False,
+                 executor: str = "auto", fast: bool = False):
         super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples,
                          process_group, query_parallel)
         check_split_policy(split)
@@ -459,6 +473,8 @@ class HZO(StageEstimator):
         self.spp = spp
         self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring of split (m, j]; and the barrier stages
         self._spp_warned: set = set()
+        self._cpp = cpp_executor.select(self, executor, fast)  # None: the Python path
+        self.executor = "python" if self._cpp is None else "cpp"
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
         """The one place deciding how split (m, j] is probed: SPP coloring or dense (see ``spp``)."""
@@ -522,14 +538,18 @@ class HZO(StageEstimator):
         return self._build_plan(shapes, x.shape[0], (self.query_dtype or x.dtype).itemsize)
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._cpp is not None:
+            return self._cpp.backward(x, y)
         t0 = time.perf_counter()
-        self._prepare(x, y)
-        acts, local = self._clean_forward(x)
-        plan = self._build_plan([tuple(a.shape[1:]) for a in acts], x.shape[0],
-                                (self.query_dtype or x.dtype).itemsize)
-        loss = self.loss.check_reproduces(acts[-1], y)
-        deltas = self._run_plan(plan, acts, y)
-        self._leaves(acts, local, deltas)
+        with nvtx_range("hzo/estimate"):
+            self._prepare(x, y)
+            acts, local = self._clean_forward(x)
+            plan = self._build_plan([tuple(a.shape[1:]) for a in acts], x.shape[0],
+                                    (self.query_dtype or x.dtype).itemsize)
+            loss = self.loss.check_reproduces(acts[-1], y)
+            deltas = self._run_plan(plan, acts, y)
+            with nvtx_range("hzo/leaves"):
+                self._leaves(acts, local, deltas)
         self.last_stats.seconds = time.perf_counter() - t0
         return loss.detach()
 
@@ -537,11 +557,13 @@ class HZO(StageEstimator):
     def _run_plan(self, plan: Plan, acts, y) -> dict[int, torch.Tensor]:
         """Targets delta_l for every stage: the loss head, then the splits level by level."""
         L = len(self.stages)
-        deltas = {L: self._loss_head(acts[L], y)}
+        with nvtx_range("hzo/head"):
+            deltas = {L: self._loss_head(acts[L], y)}
         qstages = self._query_stages()
-        for level in plan.levels:
-            for s in level:  # independent: each needs only clean activations and delta_j
-                deltas[s.m] = self._probe_split(qstages, s, acts[s.m], deltas[s.j], plan.shapes)
+        for k, level in enumerate(plan.levels):
+            with nvtx_range(f"hzo/level{k}"):
+                for s in level:  # independent: each needs only clean activations and delta_j
+                    deltas[s.m] = self._probe_split(qstages, s, acts[s.m], deltas[s.j], plan.shapes)
         return deltas
 
     def _probe_split(self, qstages, s: Split, a_m: torch.Tensor, delta_j: torch.Tensor, shapes) -> torch.Tensor:
@@ -550,7 +572,7 @@ class HZO(StageEstimator):
         coloring = self._split_coloring(s.m, s.j, shapes)
         delta = probe_targets(lambda z, n: self._run_range(qstages, z, s.m, s.j), a, self._qcast(delta_j),
                               eps, self.chunk_size, coloring, shard=self._shard,
-                              what=f"split ({s.i}, {s.m}, {s.j}]")
+                              what=f"split ({s.i}, {s.m}, {s.j}]", nvtx=f"hzo/split{s.i}-{s.m}-{s.j}")
         self._check_probe(delta, qstages, a, s.m, s.j, eps,
                           f"while probing split ({s.i}, {s.m}, {s.j}] (perturbed a_{s.m})", coloring)
         mine = s.probes if self._shard is None else self._shard.count(s.probes)  # this rank's probes

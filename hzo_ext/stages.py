@@ -126,10 +126,11 @@ def run_stage(stages: Sequence[nn.Module], l: int, a: torch.Tensor, module: nn.M
 
 
 @torch.no_grad()
-def check_stages_dynamic(stages: Sequence[nn.Module], acts: Sequence[torch.Tensor]) -> None:
+def check_stages_dynamic(stages: Sequence[nn.Module], acts: Sequence[torch.Tensor], only=None) -> None:
     """One-time check on real activations: each stage is deterministic and moving sample 0
-    leaves the other samples' outputs unchanged (no hidden in-batch mixing)."""
-    for l in range(1, len(stages) + 1):
+    leaves the other samples' outputs unchanged (no hidden in-batch mixing). ``only``: the
+    (1-based) stages to check, default all."""
+    for l in range(1, len(stages) + 1) if only is None else sorted(only):
         a, out = acts[l - 1], acts[l]
         again = stages[l - 1](a)
         if not torch.equal(again, out) and not torch.allclose(again, out, rtol=1e-6, atol=0):

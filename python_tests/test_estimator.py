@@ -216,7 +216,8 @@ def test_accumulates_and_skips_frozen_params():
         if g is not None:
             torch.testing.assert_close(g, 2 * once[k])
     s = est.last_stats
-    assert s.seconds > 0 and s.forward_calls > 0 and s.fd_layer_evals > 0
+    assert s.seconds > 0 and s.fd_layer_evals > 0
+    assert (s.forward_calls > 0) == (est.executor == "python")  # the C++ executor calls no Python stage
 
 
 def test_list_of_modules_model():

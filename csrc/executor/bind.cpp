@@ -1,0 +1,166 @@
+// pybind11 bindings of the executor (hzo_ext._C.ExecNode / ExecPlan / Executor), used by
+// hzo_ext/executor.py. Python callables become callbacks that take the GIL; the executor's own
+// work runs with the GIL released.
+#include <torch/extension.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "executor.h"
+
+namespace py = pybind11;
+
+namespace hzo::exec {
+
+namespace {
+
+// Holds a Python object from C++ code that may run without the GIL (the last owner drops it
+// with the GIL held).
+std::shared_ptr<py::object> hold(py::object obj) {
+  return std::shared_ptr<py::object>(new py::object(std::move(obj)), [](py::object* p) {
+    py::gil_scoped_acquire gil;
+    delete p;
+  });
+}
+
+StageCallback stage_callback(py::object fn) {
+  if (fn.is_none()) return {};
+  auto held = hold(std::move(fn));
+  return [held](const at::Tensor& x) -> at::Tensor {
+    py::gil_scoped_acquire gil;
+    py::object out = (*held)(x);
+    if (!THPVariable_Check(out.ptr())) {
+      throw std::runtime_error(std::string("hzo executor: a Python stage returned a ") +
+                               Py_TYPE(out.ptr())->tp_name + ", not a tensor");
+    }
+    return THPVariable_Unpack(out.ptr());
+  };
+}
+
+LossCallback loss_callback(py::object fn) {
+  if (fn.is_none()) return {};
+  auto held = hold(std::move(fn));
+  return [held](const at::Tensor& copies, int64_t n) -> at::Tensor {
+    py::gil_scoped_acquire gil;
+    return (*held)(copies, n).cast<at::Tensor>();
+  };
+}
+
+std::vector<at::Tensor> tensors_of(const std::vector<std::optional<at::Tensor>>& in) {
+  std::vector<at::Tensor> out;
+  out.reserve(in.size());
+  for (const auto& t : in) out.push_back(t ? *t : at::Tensor());
+  return out;
+}
+
+// levels: [[(i, m, j, probes, queries, num_inputs, num_outputs, colors or None (dense),
+//            [owner per chunk] (SPP)), ...], ...]
+using SplitTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                              std::optional<at::Tensor>, std::vector<at::Tensor>>;
+
+Plan make_plan(const std::vector<std::vector<SplitTuple>>& levels, int64_t head_inputs,
+               std::optional<int64_t> chunk_size, const std::string& device_str) {
+  const at::Device device(device_str);
+  const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
+  Plan plan;
+  for (const auto& level : levels) {
+    std::vector<SplitPlan> splits;
+    for (const auto& [i, m, j, probes, queries, num_inputs, num_outputs, colors, owners] : level) {
+      SplitPlan s;
+      s.i = i;
+      s.m = m;
+      s.j = j;
+      s.probes = probes;
+      s.queries = queries;
+      s.num_inputs = num_inputs;
+      s.num_outputs = num_outputs;
+      s.dense = !colors.has_value();
+      s.colors = colors ? *colors : at::arange(num_inputs, longs);
+      s.chunks = make_chunks(probes, chunk_size, device, owners, num_outputs);
+      splits.push_back(std::move(s));
+    }
+    plan.levels.push_back(std::move(splits));
+  }
+  plan.head_inputs = head_inputs;
+  plan.head_colors = at::arange(head_inputs, longs);
+  plan.head_chunks = make_chunks(head_inputs, chunk_size, device, {}, 1);
+  return plan;
+}
+
+}  // namespace
+
+void bind(py::module_& m) {
+  py::class_<Node>(m, "ExecNode", "One lowered stage or module of the C++ executor (hzo_ext/executor.py).")
+      .def(py::init([](const std::string& kind, const std::vector<std::optional<at::Tensor>>& tensors,
+                       const std::vector<int64_t>& ints, const std::vector<double>& floats, std::string text,
+                       std::vector<Node> children, py::object callback) {
+             return Node::make(kind, tensors_of(tensors), ints, floats, std::move(text), std::move(children),
+                               stage_callback(std::move(callback)));
+           }),
+           py::arg("kind"), py::arg("tensors"), py::arg("ints"), py::arg("floats"), py::arg("text"),
+           py::arg("children"), py::arg("callback"))
+      .def_property_readonly("foldable", &Node::foldable);
+
+  py::class_<Plan>(m, "ExecPlan", "The splits of one input shape, with their probe chunks.")
+      .def(py::init(&make_plan), py::arg("levels"), py::arg("head_inputs"), py::arg("chunk_size"),
+           py::arg("device"));
+
+  py::class_<Executor>(m, "Executor", "Runs whole HZO estimates of a lowered chain of stages.")
+      .def(py::init([](std::vector<Node> stages, const std::vector<std::vector<at::Tensor>>& params,
+                       const std::string& loss_kind, std::optional<at::Tensor> weight, int64_t ignore_index,
+                       double label_smoothing, int64_t reduction, double eps, bool relative,
+                       std::optional<int64_t> chunk_size, bool fast) {
+             LossSpec loss;
+             loss.kind = loss_kind == "cross_entropy" ? LossKind::CrossEntropy
+                         : loss_kind == "mse"         ? LossKind::MSE
+                                                      : LossKind::Callback;
+             loss.weight = weight ? *weight : at::Tensor();
+             loss.ignore_index = ignore_index;
+             loss.label_smoothing = label_smoothing;
+             loss.reduction = reduction;
+             Options options;
+             options.eps = eps;
+             options.relative = relative;
+             options.chunk_size = chunk_size;
+             options.fast = fast;
+             return std::make_unique<Executor>(std::move(stages), params, loss, options);
+           }),
+           py::arg("stages"), py::arg("params"), py::arg("loss_kind"), py::arg("weight"), py::arg("ignore_index"),
+           py::arg("label_smoothing"), py::arg("reduction"), py::arg("eps"), py::arg("relative"),
+           py::arg("chunk_size"), py::arg("fast"))
+      .def("forward", &Executor::forward, py::arg("x"), py::call_guard<py::gil_scoped_release>(),
+           "Clean forward; returns a_0..a_L (detached).")
+      .def_property_readonly("forward_python_calls", &Executor::forward_python_calls)
+      .def("release", &Executor::release, "Drops the last forward's activations and graphs.")
+      .def(
+          "estimate",
+          [](Executor& self, const Plan& plan, const at::Tensor& y, py::object per_sample_loss, bool want_loss) {
+            LossCallback cb = loss_callback(std::move(per_sample_loss));
+            Outcome o;
+            {
+              py::gil_scoped_release release;
+              o = self.estimate(plan, y, cb, want_loss);
+            }
+            py::dict d;
+            d["failure"] = o.failure;
+            d["level"] = o.level;
+            d["index"] = o.index;
+            d["bad"] = o.bad.defined() ? py::cast(o.bad) : py::none();
+            d["loss"] = o.loss.defined() ? py::cast(o.loss) : py::none();
+            d["loss_evals"] = o.loss_evals;
+            d["fd_layer_evals"] = o.fd_layer_evals;
+            d["probes"] = o.probes;
+            d["splits"] = o.splits;
+            d["python_calls"] = o.python_calls;
+            d["folded"] = o.folded;
+            d["stacked"] = o.stacked;
+            d["concurrent"] = o.concurrent;
+            return d;
+          },
+          py::arg("plan"), py::arg("y"), py::arg("per_sample_loss"), py::arg("want_loss"),
+          "Loss head, splits and leaves on the last forward's activations.");
+}
+
+}  // namespace hzo::exec

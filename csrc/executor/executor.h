@@ -1,0 +1,185 @@
+// The C++ executor of one HZO estimate (docs/executor.md): clean forward, loss head, the splits
+// level by level (perturb, query, contract through the hzo_ext ops), leaves. Stages are lowered
+// by hzo_ext/executor.py into a tree of Nodes that run with ATen ops, the very ops the torch
+// modules call, so every query is bit-for-bit the Python path's; a stage C++ cannot run is a
+// Callback into Python. Torch-only (no pybind11): bindings live in bind.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "nvtx.h"
+
+// Hidden like pybind11's own types (the bindings' classes would otherwise warn).
+#pragma GCC visibility push(hidden)
+
+namespace hzo::exec {
+
+// Counts of running nodes: callback invocations, and the widest tensor any node produced
+// (elements per row of its first dimension).
+struct RunCounts {
+  int64_t python_calls = 0;
+  int64_t widest = 0;
+  int64_t folded = 0;  // query chunks run with a folded first Linear
+};
+
+// A stage Python runs: module(x) -> tensor.
+using StageCallback = std::function<at::Tensor(const at::Tensor&)>;
+// The per-sample loss Python runs: (perturbed logits [nB, *T], n copies) -> [nB, 1].
+using LossCallback = std::function<at::Tensor(const at::Tensor&, int64_t)>;
+
+enum class Kind {
+  Linear, Conv, BatchNorm, ReLU, GELU, Tanh, Sigmoid, SiLU, LeakyReLU, ELU, Softplus, Hardtanh, Mish,
+  Hardswish, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Identity, Sequential, Residual, Callback
+};
+
+// One lowered module. `tensors` are the module's own parameter/buffer tensors (not copies: an
+// optimizer's in-place updates are seen); an undefined tensor stands for None.
+struct Node {
+  Kind kind = Kind::Identity;
+  std::vector<at::Tensor> tensors;
+  int64_t nd = 0;  // spatial dims of a conv or pool
+  std::vector<int64_t> kernel, stride, padding, dilation, out_size, dims;
+  int64_t groups = 1, start_dim = 1, end_dim = -1;
+  bool ceil_mode = false, count_include_pad = true, has_shortcut = false;
+  bool inplace = false;  // an activation's inplace=True: the same aliasing as the module
+  std::optional<int64_t> divisor;
+  double p0 = 0, p1 = 0;  // scalar parameters (slope, alpha, beta/threshold, min/max, momentum/eps)
+  std::string text;       // GELU approximate, conv string padding
+  std::vector<Node> children;
+  StageCallback callback;
+
+  // Builds a node from the flat description hzo_ext/executor.py sends (see there); throws on a
+  // malformed one.
+  static Node make(const std::string& kind, std::vector<at::Tensor> tensors, const std::vector<int64_t>& ints,
+                   const std::vector<double>& floats, std::string text, std::vector<Node> children,
+                   StageCallback callback);
+
+  // The module's forward on x, counting into `run`.
+  at::Tensor forward(const at::Tensor& x, RunCounts& run) const;
+  // True when the node is, or starts with, a Linear whose +-eps input moves can be folded.
+  bool foldable() const;
+  // True when `other` computes the same function of other parameters of the same shapes, with
+  // only Linear, activation, Identity, Sequential and Residual nodes: S such nodes run as one
+  // on a stacked input [S, rows, features] (see executor.cpp, Stacked).
+  bool stackable_with(const Node& other) const;
+  // forward() without the counting of its own output.
+  at::Tensor compute(const at::Tensor& x, RunCounts& run) const;
+  // True when running the node calls Python.
+  bool calls_python() const;
+};
+
+// Probe ids of one chunk and, for SPP, its owner map [K, prod(T)] (undefined: dense).
+struct Chunk {
+  at::Tensor ids;
+  at::Tensor owner;
+};
+
+struct SplitPlan {
+  int64_t i = 0, m = 0, j = 0, probes = 0, queries = 0, num_inputs = 0, num_outputs = 0;
+  bool dense = true;
+  at::Tensor colors;  // [prod(S_m)]
+  std::vector<Chunk> chunks;
+};
+
+struct Plan {
+  std::vector<std::vector<SplitPlan>> levels;
+  at::Tensor head_colors;  // the loss head: dense over the logits
+  std::vector<Chunk> head_chunks;
+  int64_t head_inputs = 0;
+};
+
+// A plan's probe ids, chunk_size at a time, on `device`, with the given owner maps (SPP) or,
+// when small enough to keep, the dense ones for num_outputs outputs per sample.
+std::vector<Chunk> make_chunks(int64_t num_probes, std::optional<int64_t> chunk_size, const at::Device& device,
+                               const std::vector<at::Tensor>& owners, int64_t num_outputs);
+
+enum class LossKind { CrossEntropy, MSE, Callback };
+
+struct LossSpec {
+  LossKind kind = LossKind::Callback;
+  at::Tensor weight;          // CrossEntropy class weights (undefined: none)
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  int64_t reduction = 1;      // at::Reduction: 1 mean, 2 sum
+};
+
+struct Options {
+  double eps = 1e-3;
+  bool relative = false;  // eps * rms(a) per perturbed activation
+  std::optional<int64_t> chunk_size;
+  // Allow reassociating floating-point work (round-off then differs from the Python path):
+  // fold +-eps into the first Linear of a right sub-network where that saves a large matmul,
+  // and run the small same-shaped right sub-networks of a level as one stacked query.
+  bool fast = false;
+};
+
+// What one estimate did; `failure` names the first non-finite target ("" when none), in which
+// case no gradient was written and `bad` is the offending tensor.
+struct Outcome {
+  std::string failure;  // "", "head" or "split"
+  int64_t level = -1, index = -1;
+  at::Tensor bad;
+  at::Tensor loss;      // the reduced loss (when asked for)
+  int64_t loss_evals = 0, fd_layer_evals = 0, probes = 0, splits = 0, python_calls = 0;
+  int64_t folded = 0, stacked = 0, concurrent = 0;  // splits run folded, stacked, on concurrent threads
+};
+
+class Executor {
+ public:
+  Executor(std::vector<Node> stages, std::vector<std::vector<at::Tensor>> stage_params, LossSpec loss,
+           Options options);
+
+  // Clean forward a_0..a_L (kept for estimate()); throws on a failing or non-finite stage, or a
+  // stage that drops the batch dimension (the caller reruns the Python path for its message).
+  std::vector<at::Tensor> forward(const at::Tensor& x);
+
+  // Loss head, splits and leaves on the activations of the last forward(). `per_sample_loss`
+  // replaces the native loss head when set. `want_loss`: compute the reduced loss too.
+  Outcome estimate(const Plan& plan, const at::Tensor& y, const LossCallback& per_sample_loss, bool want_loss);
+
+  int64_t forward_python_calls() const { return forward_calls_; }
+  // Drops the activations and graphs of the last forward (estimate() does it when it ends).
+  void release();
+  const Options& options() const { return options_; }
+
+ private:
+  double step(const at::Tensor& a) const;
+  at::Tensor run_range(int64_t m, int64_t j, at::Tensor z, RunCounts& run) const;
+  at::Tensor probe_split(const SplitPlan& s, const at::Tensor& target, RunCounts& run) const;
+  at::Tensor query_chunk(const SplitPlan& s, const Chunk& c, const at::Tensor& a, double eps, RunCounts& run) const;
+  bool single_threaded(const SplitPlan& s) const;
+  at::Tensor loss_head(const Plan& plan, const at::Tensor& y, const LossCallback& per_sample_loss,
+                       std::vector<at::Tensor>& checked, Outcome& out) const;
+  void run_level(const std::vector<SplitPlan>& level, std::vector<at::Tensor>& deltas, Outcome& out) const;
+  bool stackable(const SplitPlan& a, const SplitPlan& b) const;
+  void run_stacked(const std::vector<const SplitPlan*>& group, std::vector<at::Tensor>& deltas, RunCounts& run) const;
+  void leaves(const std::vector<at::Tensor>& deltas) const;
+
+  std::vector<Node> stages_;
+  std::vector<std::vector<at::Tensor>> params_;  // per stage, as stage.parameters() lists them
+  LossSpec loss_;
+  Options options_;
+  std::vector<at::Tensor> acts_, local_;
+  std::vector<bool> python_;     // per stage: calls Python
+  std::vector<int64_t> widest_;  // per stage: widest tensor per sample in the last clean forward
+  int64_t forward_calls_ = 0;
+  NvtxSpan estimate_range_;  // hzo/estimate: from the clean forward to the leaves
+};
+
+// The owner map of dense probes ids [K]: [K, num_outputs], row k all ids[k] (ops.dense_owner).
+at::Tensor dense_owner(const at::Tensor& ids, int64_t num_outputs);
+
+// The one place a chunk's query outputs y [2, K, B, *T] are contracted with the target [B, *T]
+// (hzo_ext::contract_sized through the dispatcher; dense owner maps built here).
+at::Tensor contract_chunk(const Chunk& c, const at::Tensor& y, const at::Tensor& target, double eps,
+                          int64_t num_inputs);
+
+}  // namespace hzo::exec
+
+#pragma GCC visibility pop

@@ -1,0 +1,370 @@
+"""The C++ executor of HZO estimates: lowering of stages, and the Python side of one estimate.
+
+``HZO(..., executor="cpp")`` (or ``"auto"`` when the extension is loaded and every option is
+supported) runs a whole estimate in C++ (``csrc/executor``): clean forward, loss head, the
+splits level by level (``hzo_ext::perturb``, the right sub-network, ``hzo_ext::contract_sized``),
+leaves. Each stage is *lowered* here into a tree of ``_C.ExecNode``: a standard module (Linear,
+Conv1d/2d/3d, eval BatchNorm, activations, pooling, Flatten, eval Dropout, Identity,
+Sequential, ``ResidualBlock``) becomes a node that calls the same ATen op with the same
+arguments as the module's forward (and holds the module's own parameter tensors, so optimizer
+updates are seen); anything else becomes a callback into Python, called once per use. Models of
+standard modules only make no Python call during an estimate.
+
+The queries are bit-for-bit those of the Python path, so the targets agree exactly; the leaves
+run as one autograd call and may differ by round-off. ``fast=True`` trades that bitwise
+agreement for less work: +-eps folded into large first Linears of right sub-networks, small
+same-shaped right sub-networks of a level stacked into one batched query (docs/executor.md).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import _ext
+from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
+
+__all__ = ["unsupported_option", "select", "CppExecutor", "lower"]
+
+EXECUTORS = ("auto", "python", "cpp")
+
+
+# ---- which estimators the C++ executor runs ------------------------------------------------------
+
+def unsupported_option(est) -> str | None:
+    """Why the C++ executor cannot run this estimator (naming the option), or None."""
+    if not _ext.has_extension():
+        return f"the compiled extension is not loaded ({_ext.load_error})"
+    if est.query_dtype is not None:
+        return f"query_dtype={est.query_dtype} is not supported by the C++ executor"
+    if getattr(est, "process_group", None) is not None:
+        return "process_group is not supported by the C++ executor"
+    if getattr(est, "query_parallel", None):
+        return "query_parallel is not supported by the C++ executor"
+    for l, stage in enumerate(est.stages, start=1):
+        for name, mod in stage.named_modules():
+            if isinstance(mod, BlackBox):
+                where = f", submodule {name!r}" if name else ""
+                return (f"stage {l} ({type(stage).__name__}){where} is a BlackBox (zeroth-order leaves run "
+                        f"on the Python path)")
+    return None
+
+
+def select(est, executor: str, fast: bool):
+    """The CppExecutor for ``est``, or None for the Python path; ValueError for executor='cpp'
+    (or fast=True) when the C++ executor cannot run it."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be a bool, got {fast!r}")
+    if executor == "python":
+        if fast:
+            raise ValueError("fast=True needs the C++ executor (executor='cpp' or 'auto')")
+        return None
+    why = unsupported_option(est)
+    if why is None:
+        return CppExecutor(est, fast)
+    if executor == "cpp":
+        raise ValueError(f"executor='cpp': {why}; use executor='python' or 'auto'")
+    return None  # auto: the Python path (fast=True changes nothing there but the round-off)
+
+
+# ---- lowering ------------------------------------------------------------------------------------
+
+_SIMPLE = {nn.ReLU.forward: "relu", nn.Tanh.forward: "tanh", nn.Sigmoid.forward: "sigmoid",
+           nn.SiLU.forward: "silu", nn.Mish.forward: "mish", nn.Hardswish.forward: "hardswish",
+           nn.Identity.forward: "identity", nn.Flatten.forward: "flatten", nn.GELU.forward: "gelu",
+           nn.LeakyReLU.forward: "leaky_relu", nn.ELU.forward: "elu", nn.Softplus.forward: "softplus",
+           nn.Hardtanh.forward: "hardtanh"}
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_BATCHNORM_RANKS = {nn.BatchNorm1d: [2, 3], nn.BatchNorm2d: [4], nn.BatchNorm3d: [5]}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _hooked(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks)
+
+
+def _tup(v, nd: int) -> list[int]:
+    v = list(v) if isinstance(v, (tuple, list)) else [v] * nd
+    return [int(x) for x in v]
+
+
+def _stock(mod: nn.Module, cls: type, *methods: str) -> bool:
+    """mod runs cls's own forward (and the named helper methods): no subclass override."""
+    return all(getattr(type(mod), m) is getattr(cls, m) for m in ("forward",) + methods)
+
+
+def _node(mod: nn.Module, callback, watch: list, python: list):
+    """The ExecNode of one module. `callback(mod)` makes its Python fallback (recorded in
+    `python`). `watch` collects (module, lowered natively) for revalidation: a native module
+    must not change, a module run in Python for its hooks must keep them."""
+    from . import _C
+    Node = _C.ExecNode
+
+    def fallback():
+        python.append(mod)
+        return Node("callback", [], [], [], "", [], callback(mod))
+
+    if _hooked(mod):
+        watch.append((mod, False))
+        return fallback()
+    if parametrize.is_parametrized(mod) or isinstance(mod, nn.modules.lazy.LazyModuleMixin):
+        return fallback()
+    node = _native(mod, callback, watch, python)
+    if node is None:
+        return fallback()
+    watch.append((mod, True))
+    return node
+
+
+def _native(mod: nn.Module, callback, watch: list, python: list):
+    """The node of a standard module, calling the ATen op its forward calls, or None."""
+    from . import _C
+    Node = _C.ExecNode
+    if _stock(mod, nn.Sequential):
+        return Node("seq", [], [], [], "", [_node(c, callback, watch, python) for c in mod if c is not None], None)
+    if _stock(mod, ResidualBlock):
+        kids = [mod.module] + ([] if mod.shortcut is None else [mod.shortcut])
+        return Node("residual", [], [], [], "", [_node(c, callback, watch, python) for c in kids], None)
+    if _stock(mod, nn.Linear):
+        return Node("linear", [mod.weight, mod.bias], [], [], "", [], None)
+    for cls, nd in _CONVS.items():
+        if isinstance(mod, cls):
+            if not _stock(mod, cls, "_conv_forward") or mod.padding_mode != "zeros":
+                return None
+            text = mod.padding if isinstance(mod.padding, str) else ""
+            pad = [0] * nd if text else _tup(mod.padding, nd)
+            ints = [nd, mod.groups] + _tup(mod.stride, nd) + pad + _tup(mod.dilation, nd)
+            return Node("conv", [mod.weight, mod.bias], ints, [], text, [], None)
+    for cls, ranks in _BATCHNORM_RANKS.items():
+        if isinstance(mod, cls):
+            if not _stock(mod, cls, "_check_input_dim") or mod.training or mod.running_mean is None \
+                    or mod.running_var is None:
+                return None
+            momentum = 0.0 if mod.momentum is None else float(mod.momentum)
+            return Node("batch_norm", [mod.weight, mod.bias, mod.running_mean, mod.running_var], ranks,
+                        [momentum, float(mod.eps)], "", [], None)
+    if type(mod) in _DROPOUTS:
+        return None if mod.training else Node("identity", [], [], [], "", [], None)
+    kind = _SIMPLE.get(type(mod).forward)
+    if kind == "gelu":
+        return Node(kind, [], [], [], mod.approximate, [], None)
+    if kind == "flatten":
+        return Node(kind, [], [mod.start_dim, mod.end_dim], [], "", [], None)
+    if kind is not None:
+        floats = {"leaky_relu": lambda: [mod.negative_slope], "elu": lambda: [mod.alpha],
+                  "softplus": lambda: [mod.beta, mod.threshold],
+                  "hardtanh": lambda: [mod.min_val, mod.max_val]}.get(kind, list)()
+        inplace = int(bool(getattr(mod, "inplace", False)))  # in-place like the module: same aliasing
+        return Node(kind, [], [inplace], [float(f) for f in floats], "", [], None)
+    if type(mod) in (nn.MaxPool1d, nn.MaxPool2d) and not mod.return_indices:
+        nd = 1 if type(mod) is nn.MaxPool1d else 2
+        ints = [nd, int(mod.ceil_mode)] + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) \
+            + _tup(mod.padding, nd) + _tup(mod.dilation, nd)
+        return Node("max_pool", [], ints, [], "", [], None)
+    if type(mod) in (nn.AvgPool1d, nn.AvgPool2d):
+        nd = 1 if type(mod) is nn.AvgPool1d else 2
+        div = getattr(mod, "divisor_override", None)
+        ints = [nd, int(mod.ceil_mode), int(mod.count_include_pad), int(div is not None), int(div or 0)] \
+            + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) + _tup(mod.padding, nd)
+        return Node("avg_pool", [], ints, [], "", [], None)
+    if type(mod) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
+        nd = 1 if type(mod) is nn.AdaptiveAvgPool1d else 2
+        size = list(mod.output_size) if isinstance(mod.output_size, (tuple, list)) else [mod.output_size] * nd
+        if nd == 1 and size[0] is None:  # adaptive_avg_pool1d takes no None
+            return None
+        return Node("adaptive_avg_pool", [], [nd] + [-1 if s is None else int(s) for s in size], [], "", [], None)
+    return None
+
+
+def lower(stages) -> tuple[list, list, set]:
+    """(ExecNode per stage, the modules to watch (see _node), the stages with Python parts)."""
+    watch: list = []
+    nodes, python_stages = [], set()
+    for l, stage in enumerate(stages, start=1):
+        top = functools.partial(run_stage, stages, l)  # a whole stage in Python: the Python path's errors
+        python: list = []
+        nodes.append(_node(stage, lambda mod, top=top, stage=stage: top if mod is stage else mod, watch, python))
+        if python:
+            python_stages.add(l)
+    return nodes, watch, python_stages
+
+
+_MODE_MATTERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def _state(watch) -> tuple:
+    """What lowering read from the modules that can change without a new object: hooks, the
+    identity of parameters, buffers and children (a replaced tensor or child means lowering
+    again), and the mode of BatchNorm/Dropout. Flat lists, so the per-estimate check is cheap."""
+    mods = [m for m, native in watch if native]
+    hooked = [m for m, native in watch if not native]
+    hook_dicts = [d for m in mods for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                            m._backward_pre_hooks)]
+    dicts = [d for m in mods for d in (m._parameters, m._buffers, m._modules) if d]
+    moded = [m for m in mods if isinstance(m, _MODE_MATTERS)]
+    return hook_dicts, hooked, dicts, _ids(dicts), moded, [m.training for m in moded]
+
+
+def _ids(dicts) -> list[int]:
+    return list(map(id, itertools.chain.from_iterable(map(dict.values, dicts))))
+
+
+def _same_state(state) -> bool:
+    hook_dicts, hooked, dicts, ids, moded, modes = state
+    return (not any(hook_dicts) and all(map(_hooked, hooked)) and _ids(dicts) == ids
+            and [m.training for m in moded] == modes)
+
+
+# ---- one estimate ----------------------------------------------------------------------------------
+
+_REDUCTIONS = {"mean": 1, "sum": 2}
+
+
+def _loss_spec(loss) -> tuple:
+    """(kind, weight, ignore_index, label_smoothing, reduction) of a loss the C++ head runs natively."""
+    fn = loss.reduced
+    if fn is not None and fn.reduction in _REDUCTIONS:
+        if _stock(fn, nn.CrossEntropyLoss):
+            return "cross_entropy", fn.weight, int(fn.ignore_index), float(fn.label_smoothing), _REDUCTIONS[fn.reduction]
+        if _stock(fn, nn.MSELoss):
+            return "mse", None, -100, 0.0, _REDUCTIONS[fn.reduction]
+    return "callback", None, -100, 0.0, 1
+
+
+class CppExecutor:
+    """Runs ``HZO.backward`` in C++ for one estimator; lowering and plans are cached and
+    re-validated cheaply on every call (parameter/buffer/child identity, modes, hooks)."""
+
+    def __init__(self, est, fast: bool = False):
+        self.est = est
+        self.fast = fast
+        self._low = None  # see _lower
+        self._plans: dict = {}
+        self.last_outcome: dict = {}  # the C++ side's counts of the last estimate (folded, stacked, ...)
+
+    # -- cache
+
+    def _lower(self):
+        """(Executor, the lowered modules' state, stages with Python parts, first parameter of
+        each stage)."""
+        est = self.est
+        from . import _C
+        nodes, watch, python_stages = lower(est.stages)
+        params = [list(s.parameters()) for s in est.stages]
+        kind, weight, ignore, smoothing, reduction = _loss_spec(est.loss)
+        core = _C.Executor(nodes, params, kind, weight, ignore, smoothing, reduction, est.eps,
+                           est.eps_mode == "relative", est.chunk_size, self.fast)
+        self._low = (core, _state(watch), python_stages, [p[0] for p in params if p])
+        self._plans.clear()
+        return self._low
+
+    def _plan(self, core, x, acts):
+        from . import _C
+        key = (tuple(x.shape), x.dtype, x.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            est = self.est
+            shapes = [tuple(a.shape[1:]) for a in acts]
+            py_plan = est._build_plan(shapes, x.shape[0], x.dtype.itemsize)
+            levels = []
+            for level in py_plan.levels:
+                rows = []
+                for s in level:
+                    coloring = est._split_coloring(s.m, s.j, shapes)
+                    n, q = math.prod(shapes[s.m]), math.prod(shapes[s.j])
+                    if s.dense:
+                        rows.append((s.i, s.m, s.j, s.probes, s.queries, n, q, None, []))
+                        continue
+                    chunk = s.probes if est.chunk_size is None else est.chunk_size
+                    owners = [coloring.owner(torch.arange(a, min(s.probes, a + chunk), device=x.device), q)
+                              for a in range(0, s.probes, chunk)]
+                    rows.append((s.i, s.m, s.j, s.probes, s.queries, n, q, coloring.colors(x.device), owners))
+                levels.append(rows)
+            plan = (_C.ExecPlan(levels, math.prod(shapes[-1]), est.chunk_size, str(x.device)), py_plan)
+            self._plans[key] = plan
+        return plan
+
+    # -- the estimate
+
+    def _checked_lowering(self, x, y):
+        """The Python path's input and static checks (stages.check_batch, check_stages_static),
+        in its order, then the lowering, done again when a lowered module changed. With an
+        unchanged lowering, check_batch's per-stage parameter loop runs quickly (the full check,
+        for its message, only when something is wrong) and the static check only for stages
+        that run in Python (the lowering's state covers the others' modes)."""
+        est = self.est
+        if self._low is None or not _same_state(self._low[1]):
+            check_batch(x, y, est.stages)
+            check_stages_static(est.stages)
+            return self._lower()
+        check_batch(x, y, [])
+        if any((p.is_floating_point() and p.dtype != x.dtype) or p.device != x.device for p in self._low[3]):
+            check_batch(x, y, est.stages)
+        if self._low[2]:
+            check_stages_static(est.stages)
+        return self._low
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from .estimator import EstimateStats
+        t0 = time.perf_counter()
+        est = self.est
+        core, _, python_stages, _ = self._checked_lowering(x, y)
+        stats = est.last_stats = EstimateStats()
+        try:
+            return self._estimate(core, python_stages, x, y, stats, t0)
+        finally:
+            core.release()  # activations and graphs, also when a check raised
+
+    def _estimate(self, core, python_stages, x, y, stats, t0) -> torch.Tensor:
+        from .estimator import _check_finite
+        est = self.est
+        try:
+            acts = core.forward(x)
+        except Exception:
+            est._clean_forward(x)  # raises the Python path's error for this input
+            raise
+        stats.forward_calls = core.forward_python_calls
+        key = (tuple(x.shape), x.dtype, x.device)
+        if est.check_samples and key not in est._dynamic_checked:
+            # lowered stages are per-sample ATen ops by construction: check the Python ones
+            check_stages_dynamic(est.stages, acts, only=python_stages)
+            est._dynamic_checked.add(key)
+        plan, py_plan = self._plan(core, x, acts)
+        native = self._native_loss(acts[-1], y)
+        loss = None if native and est.loss._checked else est.loss.check_reproduces(acts[-1], y)
+        callback = None if native else est._per_sample_loss(y, x.shape[0])
+        out = self.last_outcome = core.estimate(plan, y, callback, loss is None)
+        stats.forward_calls += out["python_calls"]
+        stats.loss_evals += out["loss_evals"]
+        if out["failure"] == "head":
+            _check_finite(out["bad"], "the per-sample loss on perturbed logits (loss head)")
+        if out["failure"]:  # name the stage as the Python path does: rerun that split's queries
+            s = py_plan.levels[out["level"]][out["index"]] if out["failure"] == "split" else None
+            if s is not None:
+                shapes = [tuple(a.shape[1:]) for a in acts]
+                est._check_probe(out["bad"], est.stages, acts[s.m], s.m, s.j, est._step(acts[s.m]),
+                                 f"while probing split ({s.i}, {s.m}, {s.j}] (perturbed a_{s.m})",
+                                 est._split_coloring(s.m, s.j, shapes))
+            raise ValueError(f"non-finite value (inf/nan) in the C++ executor's {out['failure']}")
+        stats.fd_layer_evals, stats.probes, stats.splits = out["fd_layer_evals"], out["probes"], out["splits"]
+        stats.seconds = time.perf_counter() - t0
+        return (out["loss"] if loss is None else loss).detach()
+
+    def _native_loss(self, logits: torch.Tensor, y: torch.Tensor) -> bool:
+        """The C++ head runs the loss itself (CrossEntropy/MSE with plain targets), else it calls
+        the Python per-sample loss."""
+        kind = _loss_spec(self.est.loss)[0]
+        if kind == "cross_entropy":
+            if y.dtype == torch.int64:
+                return y.dim() == logits.dim() - 1
+            return y.dtype == logits.dtype and y.shape == logits.shape
+        if kind == "mse":
+            return y.dtype == logits.dtype and y.shape == logits.shape
+        return False
