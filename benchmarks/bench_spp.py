@@ -71,12 +71,12 @@ def spp_vs_dense(sizes, batch: int, repeats: int, dense_max_queries: int, chunk_
     return rows
 
 
-def resnet20_estimate(batch: int) -> dict:
+def resnet20_estimate(batch: int, split: str) -> dict:
     model = resnet20_cifar()
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
     ref = hzo_ext.reference_grads(model, nn.CrossEntropyLoss(), x, y)  # float64 autograd
-    est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=1e-3)
+    est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=1e-3, split=split)
     plan = est.plan(x)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model.zero_grad(set_to_none=True)
@@ -93,7 +93,7 @@ def resnet20_estimate(batch: int) -> dict:
     model.zero_grad(set_to_none=True)
     est.backward(x, y)
     cos = hzo_ext.per_layer_cosine(model, hzo_ext.grads_of(model), ref)
-    row = dict(model="resnet20_cifar", pixels=32, batch=batch, dtype="float32", seconds=seconds,
+    row = dict(model="resnet20_cifar", split=split, pixels=32, batch=batch, dtype="float32", seconds=seconds,
                backprop_seconds=bp_seconds, probes=plan.probes, fd_layer_evals=plan.fd_layer_evals,
                dense_probes=sum(int(torch.tensor(plan.shapes[s.m]).prod()) for s in plan.splits),
                predicted_peak_query_MiB=plan.peak_query_bytes / 2**20, peak_rss_growth_MiB=rss_growth / 1024,
@@ -142,17 +142,23 @@ def main() -> None:
     ap.add_argument("--dense-max-queries", type=int, default=2_000_000)
     ap.add_argument("--chunk-size", type=int, default=512, help="probes per batched query (bounds memory)")
     ap.add_argument("--resnet-batch", type=int, default=4)
+    ap.add_argument("--resnet-splits", nargs="+", default=["bisect", "chain"])
     ap.add_argument("--skip-resnet", action="store_true")
+    ap.add_argument("--skip-sizes", action="store_true", help="only part 2 (ResNet-20)")
     args = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     command = "python benchmarks/bench_spp.py " + " ".join(
         f"--sizes {' '.join(map(str, args.sizes))} --batch {args.batch} --repeats {args.repeats} "
         f"--chunk-size {args.chunk_size}".split())
-    rows = spp_vs_dense(args.sizes, args.batch, args.repeats, args.dense_max_queries, args.chunk_size)
-    write_csv(os.path.join(RESULTS, "spp_cpu.csv"), rows, command)
-    plot(rows, os.path.join(RESULTS, "spp_cpu.png"))
+    if not args.skip_sizes:
+        rows = spp_vs_dense(args.sizes, args.batch, args.repeats, args.dense_max_queries, args.chunk_size)
+        write_csv(os.path.join(RESULTS, "spp_cpu.csv"), rows, command)
+        plot(rows, os.path.join(RESULTS, "spp_cpu.png"))
     if not args.skip_resnet:
-        write_csv(os.path.join(RESULTS, "resnet20_spp.csv"), [resnet20_estimate(args.resnet_batch)], command)
+        rows = [resnet20_estimate(args.resnet_batch, split) for split in args.resnet_splits]
+        write_csv(os.path.join(RESULTS, "resnet20_spp.csv"), rows,
+                  f"python benchmarks/bench_spp.py --skip-sizes --resnet-batch {args.resnet_batch} "
+                  f"--resnet-splits {' '.join(args.resnet_splits)}")
 
 
 if __name__ == "__main__":
