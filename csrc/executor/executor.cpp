@@ -51,31 +51,39 @@ std::vector<int64_t> copies_shape(const at::Tensor& out, int64_t K, int64_t B) {
   return s;
 }
 
-// The +-eps copies of the first Linear of `node`, folded: W (a +- d e_k) + b = (W a + b) +- d W[:, k],
-// with d the step perturb actually applied (fl(a +- eps) - a). `copies` are perturb's output rows
-// [2KB, n] (the skip of a residual block needs them); `d` is [2, K, B, 1].
-at::Tensor run_folded(const Node& node, const at::Tensor& a, const at::Tensor& ids, const at::Tensor& d,
-                      const at::Tensor& copies, RunCounts& run) {
+// The +-eps copies of a right sub-network's first node, folded (fast mode): the copies of a_m
+// move coordinate start + k by d[side, k, b] = fl(a +- eps) - a, the step perturb applies, so
+//   Linear:          W (a +- d e_k) + b = (W a + b) +- d W[:, k]   (one addcmul, no matmul)
+//   identity skip:   a +- d e_k         = a, then +-d added on the moved coordinates
+// and the copies themselves are never built. `d` is [2, K, B, 1]; returns [2KB, *].
+at::Tensor run_folded(const Node& node, const at::Tensor& a, int64_t start, const at::Tensor& d, RunCounts& run) {
+  const int64_t K = d.size(1), B = a.size(0);
   switch (node.kind) {
     case Kind::Linear: {
       const auto& W = node.tensors[0];
       const at::Tensor base = at::linear(a, W, node.tensors[1].defined() ? std::optional<at::Tensor>(node.tensors[1])
                                                                           : std::nullopt);  // [B, O]
-      const int64_t K = ids.numel(), B = a.size(0), O = W.size(0);
-      const at::Tensor cols = W.t().index_select(0, ids).view({1, K, 1, O});  // W[:, ids]^T
-      return at::addcmul(base.view({1, 1, B, O}), d, cols).reshape({2 * K * B, O});
+      const int64_t O = W.size(0);
+      const at::Tensor cols = W.t().narrow(0, start, K).unsqueeze(0).unsqueeze(2);  // [1, K, 1, O]: W[:, k]
+      at::Tensor out = at::empty({2, K, B, O}, base.options());  // row-major, whatever the inputs' strides
+      at::addcmul_out(out, base.view({1, 1, B, O}), d, cols);
+      return out.view({2 * K * B, O});
     }
     case Kind::Sequential: {
-      at::Tensor z = run_folded(node.children[0], a, ids, d, copies, run);
+      at::Tensor z = run_folded(node.children[0], a, start, d, run);
       for (size_t c = 1; c < node.children.size(); ++c) z = node.children[c].forward(z, run);
       return z;
     }
     case Kind::Residual: {
-      at::Tensor skip = node.has_shortcut ? run_folded(node.children[1], a, ids, d, copies, run) : copies;
-      return skip + run_folded(node.children[0], a, ids, d, copies, run);
+      at::Tensor branch = run_folded(node.children[0], a, start, d, run);  // a fresh tensor
+      if (node.has_shortcut) return run_folded(node.children[1], a, start, d, run) + branch;
+      const int64_t n = a.size(1);
+      at::Tensor out = branch.view({2, K, B, n}).add_(a.view({1, 1, B, n}));
+      out.narrow(3, start, K).diagonal(0, 1, 3).add_(d.view({2, K, B}).permute({0, 2, 1}));
+      return branch;
     }
     default:
-      return node.forward(copies, run);
+      TORCH_CHECK(false, "hzo executor: folding a node that does not start with a Linear");
   }
 }
 
@@ -151,6 +159,7 @@ std::vector<Chunk> make_chunks(int64_t num_probes, std::optional<int64_t> chunk_
   std::vector<Chunk> chunks;
   for (int64_t start = 0, k = 0; start < num_probes; start += chunk, ++k) {
     Chunk c;
+    c.start = start;
     c.ids = at::arange(start, std::min(num_probes, start + chunk), at::TensorOptions().dtype(at::kLong).device(device));
     if (!owners.empty()) {
       TORCH_CHECK(static_cast<size_t>(k) < owners.size(), "hzo executor: fewer owner maps than chunks");
@@ -231,21 +240,22 @@ at::Tensor Executor::run_range(int64_t m, int64_t j, at::Tensor z, RunCounts& ru
 at::Tensor Executor::query_chunk(const SplitPlan& s, const Chunk& c, const at::Tensor& a, double eps,
                                  RunCounts& run) const {
   const Node& first = stages_[s.m];
+  const int64_t K = c.ids.numel();
+  if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
+      2 * K * a.numel() * first_linear_outputs(first) >= kFoldPays) {
+    HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/query");
+    const at::Tensor sel = a.narrow(1, c.start, K);  // [B, K]: the coordinates this chunk moves
+    const at::Tensor d = at::stack({(sel + eps) - sel, (sel - eps) - sel}).transpose(1, 2).unsqueeze(-1).contiguous();
+    at::Tensor z = run_folded(first, a, c.start, d, run);
+    ++run.folded;
+    return run_range(s.m + 1, s.j, std::move(z), run);
+  }
   at::Tensor copies;
   {
     HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/perturb");
     copies = perturb_op(a, s.colors, c.ids, eps).reshape(rows_shape(a));  // [2KB, *S]
   }
   HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/query");
-  if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
-      copies.numel() * first_linear_outputs(first) >= kFoldPays) {
-    // d[side, k, b] = fl(a[b, ids[k]] +- eps) - a[b, ids[k]]: the step perturb applied
-    const at::Tensor sel = a.index_select(1, c.ids);  // [B, K]
-    const at::Tensor d = at::stack({(sel + eps) - sel, (sel - eps) - sel}).transpose(1, 2).unsqueeze(-1).contiguous();
-    at::Tensor z = run_folded(first, a, c.ids, d, copies, run);
-    ++run.folded;
-    return run_range(s.m + 1, s.j, std::move(z), run);
-  }
   return run_range(s.m, s.j, std::move(copies), run);
 }
 

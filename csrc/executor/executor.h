@@ -62,7 +62,8 @@ struct Node {
 
   // The module's forward on x, counting into `run`.
   at::Tensor forward(const at::Tensor& x, RunCounts& run) const;
-  // True when the node is, or starts with, a Linear whose +-eps input moves can be folded.
+  // True when the node is, or starts with, a Linear whose +-eps input moves can be folded
+  // (through Sequentials, and ResidualBlocks with an identity or foldable shortcut).
   bool foldable() const;
   // True when `other` computes the same function of other parameters of the same shapes, with
   // only Linear, activation, Identity, Sequential and Residual nodes: S such nodes run as one
@@ -76,6 +77,7 @@ struct Node {
 
 // Probe ids of one chunk and, for SPP, its owner map [K, prod(T)] (undefined: dense).
 struct Chunk {
+  int64_t start = 0;  // ids = start, start + 1, ...
   at::Tensor ids;
   at::Tensor owner;
 };
