@@ -187,7 +187,10 @@ Executor::Executor(std::vector<Node> stages, std::vector<std::vector<at::Tensor>
                    Options options)
     : stages_(std::move(stages)), params_(std::move(stage_params)), loss_(std::move(loss)), options_(options) {
   TORCH_CHECK(params_.size() == stages_.size(), "hzo executor: one parameter list per stage expected");
-  for (const auto& n : stages_) python_.push_back(n.calls_python());
+  for (const auto& n : stages_) {
+    python_.push_back(n.calls_python());
+    explicit_.push_back(n.explicit_vjp());
+  }
 }
 
 double Executor::step(const at::Tensor& a) const {
@@ -199,6 +202,7 @@ double Executor::step(const at::Tensor& a) const {
 void Executor::release() {
   acts_.clear();
   local_.clear();
+  tapes_.clear();
   estimate_range_.end();
 }
 
@@ -207,6 +211,8 @@ std::vector<at::Tensor> Executor::forward(const at::Tensor& x) {
   estimate_range_.start("hzo/estimate");
   HZO_NVTX(range, "hzo/forward");
   widest_.assign(stages_.size(), 0);
+  tapes_.assign(stages_.size(), {});
+  taped_.assign(stages_.size(), false);
   forward_calls_ = 0;
   const int64_t B = x.size(0);
   acts_.push_back(x.detach());
@@ -216,8 +222,11 @@ std::vector<at::Tensor> Executor::forward(const at::Tensor& x) {
     for (const auto& p : params_[l]) needs_vjp = needs_vjp || p.requires_grad();
     at::Tensor out;
     RunCounts run;
+    // The leaf's local graph: a tape for Node::backward, else autograd (input detached).
+    const bool taped = taped_[l] = needs_vjp && explicit_[l];
+    if (taped) run.tape = &tapes_[l];
     {
-      at::AutoGradMode grad_mode(needs_vjp);
+      at::AutoGradMode grad_mode(needs_vjp && !taped);
       out = stages_[l].forward(acts_.back(), run);
     }
     forward_calls_ += run.python_calls;
@@ -451,12 +460,19 @@ void Executor::run_level(const std::vector<SplitPlan>& level, std::vector<at::Te
   }
 }
 
-void Executor::leaves(const std::vector<at::Tensor>& deltas) const {
+void Executor::leaves(const std::vector<at::Tensor>& deltas) {
   HZO_NVTX(range, "hzo/leaves");
-  // The local VJP of every stage with grad_output delta_l, in one autograd call (each stage's
-  // input was detached in the clean forward, so the graphs are disjoint).
+  // The local VJP of every stage with grad_output delta_l: Node::backward on the stages with a
+  // tape, one autograd call for the others (their inputs were detached in the clean forward,
+  // so the graphs are disjoint).
+  std::vector<std::pair<at::Tensor, at::Tensor>> grads;
   std::vector<at::Tensor> outputs, grad_outputs, inputs;
-  for (size_t l = 1; l < local_.size(); ++l) {
+  for (size_t l = 1; l < acts_.size(); ++l) {
+    if (taped_[l - 1]) {
+      stages_[l - 1].backward(deltas[l].to(acts_[l].scalar_type()), tapes_[l - 1], /*need_input=*/false, grads);
+      TORCH_CHECK(tapes_[l - 1].empty(), "hzo executor: stage ", l, "'s leaf left tape entries");
+      continue;
+    }
     if (!local_[l].defined()) continue;
     bool any = false;
     for (const auto& p : params_[l - 1]) {
@@ -470,19 +486,22 @@ void Executor::leaves(const std::vector<at::Tensor>& deltas) const {
     outputs.push_back(local_[l]);
     grad_outputs.push_back(deltas[l].to(local_[l].scalar_type()));
   }
-  if (outputs.empty()) return;
-  auto grads = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
-                                     /*create_graph=*/false, /*allow_unused=*/true);
-  for (size_t k = 0; k < inputs.size(); ++k) {
-    if (!grads[k].defined()) continue;
-    at::Tensor p = inputs[k];
-    at::Tensor g = grads[k].to(p.scalar_type());
-    grads[k] = at::Tensor();
-    // Like autograd's AccumulateGrad: keep a fresh gradient nobody else holds, else copy it.
-    if (!p.grad().defined()) {
-      p.mutable_grad() = g.use_count() == 1 && !g.is_view() ? std::move(g) : g.clone();
+  if (!outputs.empty()) {
+    auto from_autograd = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
+                                               /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      if (from_autograd[k].defined()) grads.emplace_back(inputs[k], std::move(from_autograd[k]));
+    }
+  }
+  // Like autograd's AccumulateGrad: p.grad + g, or a fresh gradient nobody else holds (else a copy).
+  for (auto& [p, g_in] : grads) {
+    at::Tensor g = g_in.to(p.scalar_type());
+    g_in = at::Tensor();
+    at::Tensor param = p;
+    if (!param.grad().defined()) {
+      param.mutable_grad() = g.use_count() == 1 && !g.is_view() ? std::move(g) : g.clone();
     } else {
-      p.mutable_grad() = p.grad() + g;
+      param.mutable_grad() = param.grad() + g;
     }
   }
 }
