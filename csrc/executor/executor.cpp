@@ -51,31 +51,39 @@ std::vector<int64_t> copies_shape(const at::Tensor& out, int64_t K, int64_t B) {
   return s;
 }
 
-// The +-eps copies of the first Linear of `node`, folded: W (a +- d e_k) + b = (W a + b) +- d W[:, k],
-// with d the step perturb actually applied (fl(a +- eps) - a). `copies` are perturb's output rows
-// [2KB, n] (the skip of a residual block needs them); `d` is [2, K, B, 1].
-at::Tensor run_folded(const Node& node, const at::Tensor& a, const at::Tensor& ids, const at::Tensor& d,
-                      const at::Tensor& copies, RunCounts& run) {
+// The +-eps copies of a right sub-network's first node, folded (fast mode): the copies of a_m
+// move coordinate start + k by d[side, k, b] = fl(a +- eps) - a, the step perturb applies, so
+//   Linear:          W (a +- d e_k) + b = (W a + b) +- d W[:, k]   (one addcmul, no matmul)
+//   identity skip:   a +- d e_k         = a, then +-d added on the moved coordinates
+// and the copies themselves are never built. `d` is [2, K, B, 1]; returns [2KB, *].
+at::Tensor run_folded(const Node& node, const at::Tensor& a, int64_t start, const at::Tensor& d, RunCounts& run) {
+  const int64_t K = d.size(1), B = a.size(0);
   switch (node.kind) {
     case Kind::Linear: {
       const auto& W = node.tensors[0];
       const at::Tensor base = at::linear(a, W, node.tensors[1].defined() ? std::optional<at::Tensor>(node.tensors[1])
                                                                           : std::nullopt);  // [B, O]
-      const int64_t K = ids.numel(), B = a.size(0), O = W.size(0);
-      const at::Tensor cols = W.t().index_select(0, ids).view({1, K, 1, O});  // W[:, ids]^T
-      return at::addcmul(base.view({1, 1, B, O}), d, cols).reshape({2 * K * B, O});
+      const int64_t O = W.size(0);
+      const at::Tensor cols = W.t().narrow(0, start, K).unsqueeze(0).unsqueeze(2);  // [1, K, 1, O]: W[:, k]
+      at::Tensor out = at::empty({2, K, B, O}, base.options());  // row-major, whatever the inputs' strides
+      at::addcmul_out(out, base.view({1, 1, B, O}), d, cols);
+      return out.view({2 * K * B, O});
     }
     case Kind::Sequential: {
-      at::Tensor z = run_folded(node.children[0], a, ids, d, copies, run);
+      at::Tensor z = run_folded(node.children[0], a, start, d, run);
       for (size_t c = 1; c < node.children.size(); ++c) z = node.children[c].forward(z, run);
       return z;
     }
     case Kind::Residual: {
-      at::Tensor skip = node.has_shortcut ? run_folded(node.children[1], a, ids, d, copies, run) : copies;
-      return skip + run_folded(node.children[0], a, ids, d, copies, run);
+      at::Tensor branch = run_folded(node.children[0], a, start, d, run);  // a fresh tensor
+      if (node.has_shortcut) return run_folded(node.children[1], a, start, d, run) + branch;
+      const int64_t n = a.size(1);
+      at::Tensor out = branch.view({2, K, B, n}).add_(a.view({1, 1, B, n}));
+      out.narrow(3, start, K).diagonal(0, 1, 3).add_(d.view({2, K, B}).permute({0, 2, 1}));
+      return branch;
     }
     default:
-      return node.forward(copies, run);
+      TORCH_CHECK(false, "hzo executor: folding a node that does not start with a Linear");
   }
 }
 
@@ -151,6 +159,7 @@ std::vector<Chunk> make_chunks(int64_t num_probes, std::optional<int64_t> chunk_
   std::vector<Chunk> chunks;
   for (int64_t start = 0, k = 0; start < num_probes; start += chunk, ++k) {
     Chunk c;
+    c.start = start;
     c.ids = at::arange(start, std::min(num_probes, start + chunk), at::TensorOptions().dtype(at::kLong).device(device));
     if (!owners.empty()) {
       TORCH_CHECK(static_cast<size_t>(k) < owners.size(), "hzo executor: fewer owner maps than chunks");
@@ -178,7 +187,10 @@ Executor::Executor(std::vector<Node> stages, std::vector<std::vector<at::Tensor>
                    Options options)
     : stages_(std::move(stages)), params_(std::move(stage_params)), loss_(std::move(loss)), options_(options) {
   TORCH_CHECK(params_.size() == stages_.size(), "hzo executor: one parameter list per stage expected");
-  for (const auto& n : stages_) python_.push_back(n.calls_python());
+  for (const auto& n : stages_) {
+    python_.push_back(n.calls_python());
+    explicit_.push_back(n.explicit_vjp());
+  }
 }
 
 double Executor::step(const at::Tensor& a) const {
@@ -190,6 +202,7 @@ double Executor::step(const at::Tensor& a) const {
 void Executor::release() {
   acts_.clear();
   local_.clear();
+  tapes_.clear();
   estimate_range_.end();
 }
 
@@ -198,6 +211,8 @@ std::vector<at::Tensor> Executor::forward(const at::Tensor& x) {
   estimate_range_.start("hzo/estimate");
   HZO_NVTX(range, "hzo/forward");
   widest_.assign(stages_.size(), 0);
+  tapes_.assign(stages_.size(), {});
+  taped_.assign(stages_.size(), false);
   forward_calls_ = 0;
   const int64_t B = x.size(0);
   acts_.push_back(x.detach());
@@ -207,8 +222,11 @@ std::vector<at::Tensor> Executor::forward(const at::Tensor& x) {
     for (const auto& p : params_[l]) needs_vjp = needs_vjp || p.requires_grad();
     at::Tensor out;
     RunCounts run;
+    // The leaf's local graph: a tape for Node::backward, else autograd (input detached).
+    const bool taped = taped_[l] = needs_vjp && explicit_[l];
+    if (taped) run.tape = &tapes_[l];
     {
-      at::AutoGradMode grad_mode(needs_vjp);
+      at::AutoGradMode grad_mode(needs_vjp && !taped);
       out = stages_[l].forward(acts_.back(), run);
     }
     forward_calls_ += run.python_calls;
@@ -231,21 +249,22 @@ at::Tensor Executor::run_range(int64_t m, int64_t j, at::Tensor z, RunCounts& ru
 at::Tensor Executor::query_chunk(const SplitPlan& s, const Chunk& c, const at::Tensor& a, double eps,
                                  RunCounts& run) const {
   const Node& first = stages_[s.m];
+  const int64_t K = c.ids.numel();
+  if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
+      2 * K * a.numel() * first_linear_outputs(first) >= kFoldPays) {
+    HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/query");
+    const at::Tensor sel = a.narrow(1, c.start, K);  // [B, K]: the coordinates this chunk moves
+    const at::Tensor d = at::stack({(sel + eps) - sel, (sel - eps) - sel}).transpose(1, 2).unsqueeze(-1).contiguous();
+    at::Tensor z = run_folded(first, a, c.start, d, run);
+    ++run.folded;
+    return run_range(s.m + 1, s.j, std::move(z), run);
+  }
   at::Tensor copies;
   {
     HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/perturb");
     copies = perturb_op(a, s.colors, c.ids, eps).reshape(rows_shape(a));  // [2KB, *S]
   }
   HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/query");
-  if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
-      copies.numel() * first_linear_outputs(first) >= kFoldPays) {
-    // d[side, k, b] = fl(a[b, ids[k]] +- eps) - a[b, ids[k]]: the step perturb applied
-    const at::Tensor sel = a.index_select(1, c.ids);  // [B, K]
-    const at::Tensor d = at::stack({(sel + eps) - sel, (sel - eps) - sel}).transpose(1, 2).unsqueeze(-1).contiguous();
-    at::Tensor z = run_folded(first, a, c.ids, d, copies, run);
-    ++run.folded;
-    return run_range(s.m + 1, s.j, std::move(z), run);
-  }
   return run_range(s.m, s.j, std::move(copies), run);
 }
 
@@ -441,12 +460,19 @@ void Executor::run_level(const std::vector<SplitPlan>& level, std::vector<at::Te
   }
 }
 
-void Executor::leaves(const std::vector<at::Tensor>& deltas) const {
+void Executor::leaves(const std::vector<at::Tensor>& deltas) {
   HZO_NVTX(range, "hzo/leaves");
-  // The local VJP of every stage with grad_output delta_l, in one autograd call (each stage's
-  // input was detached in the clean forward, so the graphs are disjoint).
+  // The local VJP of every stage with grad_output delta_l: Node::backward on the stages with a
+  // tape, one autograd call for the others (their inputs were detached in the clean forward,
+  // so the graphs are disjoint).
+  std::vector<std::pair<at::Tensor, at::Tensor>> grads;
   std::vector<at::Tensor> outputs, grad_outputs, inputs;
-  for (size_t l = 1; l < local_.size(); ++l) {
+  for (size_t l = 1; l < acts_.size(); ++l) {
+    if (taped_[l - 1]) {
+      stages_[l - 1].backward(deltas[l].to(acts_[l].scalar_type()), tapes_[l - 1], /*need_input=*/false, grads);
+      TORCH_CHECK(tapes_[l - 1].empty(), "hzo executor: stage ", l, "'s leaf left tape entries");
+      continue;
+    }
     if (!local_[l].defined()) continue;
     bool any = false;
     for (const auto& p : params_[l - 1]) {
@@ -460,19 +486,22 @@ void Executor::leaves(const std::vector<at::Tensor>& deltas) const {
     outputs.push_back(local_[l]);
     grad_outputs.push_back(deltas[l].to(local_[l].scalar_type()));
   }
-  if (outputs.empty()) return;
-  auto grads = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
-                                     /*create_graph=*/false, /*allow_unused=*/true);
-  for (size_t k = 0; k < inputs.size(); ++k) {
-    if (!grads[k].defined()) continue;
-    at::Tensor p = inputs[k];
-    at::Tensor g = grads[k].to(p.scalar_type());
-    grads[k] = at::Tensor();
-    // Like autograd's AccumulateGrad: keep a fresh gradient nobody else holds, else copy it.
-    if (!p.grad().defined()) {
-      p.mutable_grad() = g.use_count() == 1 && !g.is_view() ? std::move(g) : g.clone();
+  if (!outputs.empty()) {
+    auto from_autograd = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false,
+                                               /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      if (from_autograd[k].defined()) grads.emplace_back(inputs[k], std::move(from_autograd[k]));
+    }
+  }
+  // Like autograd's AccumulateGrad: p.grad + g, or a fresh gradient nobody else holds (else a copy).
+  for (auto& [p, g_in] : grads) {
+    at::Tensor g = g_in.to(p.scalar_type());
+    g_in = at::Tensor();
+    at::Tensor param = p;
+    if (!param.grad().defined()) {
+      param.mutable_grad() = g.use_count() == 1 && !g.is_view() ? std::move(g) : g.clone();
     } else {
-      p.mutable_grad() = p.grad() + g;
+      param.mutable_grad() = param.grad() + g;
     }
   }
 }

@@ -26,6 +26,7 @@ struct RunCounts {
   int64_t python_calls = 0;
   int64_t widest = 0;
   int64_t folded = 0;  // query chunks run with a folded first Linear
+  std::vector<at::Tensor>* tape = nullptr;  // when set, nodes record what their backward needs
 };
 
 // A stage Python runs: module(x) -> tensor.
@@ -62,12 +63,23 @@ struct Node {
 
   // The module's forward on x, counting into `run`.
   at::Tensor forward(const at::Tensor& x, RunCounts& run) const;
-  // True when the node is, or starts with, a Linear whose +-eps input moves can be folded.
+  // True when the node is, or starts with, a Linear whose +-eps input moves can be folded
+  // (through Sequentials, and ResidualBlocks with an identity or foldable shortcut).
   bool foldable() const;
   // True when `other` computes the same function of other parameters of the same shapes, with
   // only Linear, activation, Identity, Sequential and Residual nodes: S such nodes run as one
   // on a stacked input [S, rows, features] (see executor.cpp, Stacked).
   bool stackable_with(const Node& other) const;
+  // True when backward() below covers the node (Linear, out-of-place activations, Identity,
+  // Flatten, and Sequential/Residual of those): its leaf needs no autograd graph.
+  bool explicit_vjp() const;
+  // True when the node has a parameter that requires grad.
+  bool trainable() const;
+  // The local VJP of a node run by forward() with a tape: pops its tape entries, appends
+  // (parameter, gradient) pairs, and returns the input's gradient when `need_input` (else
+  // undefined: nothing upstream in the stage needs it).
+  at::Tensor backward(const at::Tensor& grad, std::vector<at::Tensor>& tape, bool need_input,
+                      std::vector<std::pair<at::Tensor, at::Tensor>>& grads) const;
   // forward() without the counting of its own output.
   at::Tensor compute(const at::Tensor& x, RunCounts& run) const;
   // True when running the node calls Python.
@@ -76,6 +88,7 @@ struct Node {
 
 // Probe ids of one chunk and, for SPP, its owner map [K, prod(T)] (undefined: dense).
 struct Chunk {
+  int64_t start = 0;  // ids = start, start + 1, ...
   at::Tensor ids;
   at::Tensor owner;
 };
@@ -159,13 +172,16 @@ class Executor {
   void run_level(const std::vector<SplitPlan>& level, std::vector<at::Tensor>& deltas, Outcome& out) const;
   bool stackable(const SplitPlan& a, const SplitPlan& b) const;
   void run_stacked(const std::vector<const SplitPlan*>& group, std::vector<at::Tensor>& deltas, RunCounts& run) const;
-  void leaves(const std::vector<at::Tensor>& deltas) const;
+  void leaves(const std::vector<at::Tensor>& deltas);
 
   std::vector<Node> stages_;
   std::vector<std::vector<at::Tensor>> params_;  // per stage, as stage.parameters() lists them
   LossSpec loss_;
   Options options_;
   std::vector<at::Tensor> acts_, local_;
+  std::vector<std::vector<at::Tensor>> tapes_;  // per stage with an explicit leaf: its tape
+  std::vector<bool> explicit_;                  // per stage: Node::backward covers it
+  std::vector<bool> taped_;                     // per stage: the last forward recorded a tape
   std::vector<bool> python_;     // per stage: calls Python
   std::vector<int64_t> widest_;  // per stage: widest tensor per sample in the last clean forward
   int64_t forward_calls_ = 0;

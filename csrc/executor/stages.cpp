@@ -143,7 +143,104 @@ Node Node::make(const std::string& kind, std::vector<at::Tensor> tensors, const 
 at::Tensor Node::forward(const at::Tensor& x, RunCounts& run) const {
   at::Tensor out = compute(x, run);
   if (out.dim() > 0 && out.size(0) > 0) run.widest = std::max(run.widest, out.numel() / out.size(0));
+  if (run.tape) {  // what backward() needs: the output of tanh and sigmoid, the input of the others
+    if (kind == Kind::Tanh || kind == Kind::Sigmoid) {
+      run.tape->push_back(out);
+    } else if (kind != Kind::Sequential && kind != Kind::Residual && kind != Kind::Identity) {
+      run.tape->push_back(x);
+    }
+  }
   return out;
+}
+
+bool Node::explicit_vjp() const {
+  switch (kind) {
+    case Kind::Linear: case Kind::GELU: case Kind::Tanh: case Kind::Sigmoid: case Kind::Identity:
+    case Kind::Flatten:
+      return true;
+    case Kind::ReLU: case Kind::SiLU: case Kind::LeakyReLU: case Kind::ELU: case Kind::Softplus:
+    case Kind::Hardtanh: case Kind::Mish: case Kind::Hardswish:
+      return !inplace;  // an in-place activation overwrites the input its backward needs
+    case Kind::Sequential:
+    case Kind::Residual:
+      for (const auto& c : children) {
+        if (!c.explicit_vjp()) return false;
+      }
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool Node::trainable() const {
+  for (const auto& t : tensors) {
+    if (t.defined() && t.requires_grad()) return true;
+  }
+  for (const auto& c : children) {
+    if (c.trainable()) return true;
+  }
+  return false;
+}
+
+at::Tensor Node::backward(const at::Tensor& g, std::vector<at::Tensor>& tape, bool need_input,
+                          std::vector<std::pair<at::Tensor, at::Tensor>>& grads) const {
+  auto pop = [&tape]() {
+    TORCH_CHECK(!tape.empty(), "hzo executor: leaf tape exhausted");
+    at::Tensor t = std::move(tape.back());
+    tape.pop_back();
+    return t;
+  };
+  switch (kind) {
+    case Kind::Sequential: {
+      at::Tensor grad = g;
+      for (size_t c = children.size(); c-- > 0;) {
+        bool upstream = need_input;  // does anything before child c need a gradient?
+        for (size_t u = 0; u < c && !upstream; ++u) upstream = children[u].trainable();
+        // with no gradient left (nothing upstream), the children only drop their tape entries
+        grad = children[c].backward(grad, tape, upstream && grad.defined(), grads);
+      }
+      return need_input ? grad : at::Tensor();
+    }
+    case Kind::Residual: {  // forward ran the shortcut first: its tape entries lie below the module's
+      at::Tensor through = children[0].backward(g, tape, need_input, grads);
+      at::Tensor skip = has_shortcut ? children[1].backward(g, tape, need_input, grads) : g;
+      return need_input && g.defined() ? skip + through : at::Tensor();
+    }
+    case Kind::Identity:
+      return need_input ? g : at::Tensor();
+    default:
+      break;
+  }
+  const at::Tensor x = pop();  // the input (the output for tanh and sigmoid)
+  if (!g.defined()) return at::Tensor();
+  switch (kind) {
+    case Kind::Linear: {
+      const at::Tensor& W = tensors[0];
+      const at::Tensor g2 = g.reshape({-1, W.size(0)});
+      if (W.requires_grad()) grads.emplace_back(W, g2.t().mm(x.reshape({-1, W.size(1)})));
+      if (tensors[1].defined() && tensors[1].requires_grad()) grads.emplace_back(tensors[1], g2.sum(0));
+      return need_input ? at::matmul(g, W) : at::Tensor();
+    }
+    case Kind::Flatten: return need_input ? g.reshape(x.sizes()) : at::Tensor();
+    default:
+      break;
+  }
+  if (!need_input) return at::Tensor();
+  switch (kind) {
+    case Kind::GELU: return at::gelu_backward(g, x, text);
+    case Kind::Tanh: return at::tanh_backward(g, x);
+    case Kind::Sigmoid: return at::sigmoid_backward(g, x);
+    case Kind::ReLU: return at::threshold_backward(g, x, 0);
+    case Kind::SiLU: return at::silu_backward(g, x);
+    case Kind::LeakyReLU: return at::leaky_relu_backward(g, x, p0, false);
+    case Kind::ELU: return at::elu_backward(g, p0, 1, 1, false, x);
+    case Kind::Softplus: return at::softplus_backward(g, x, p0, p1);
+    case Kind::Hardtanh: return at::hardtanh_backward(g, x, p0, p1);
+    case Kind::Mish: return at::mish_backward(g, x);
+    case Kind::Hardswish: return at::hardswish_backward(g, x);
+    default:
+      TORCH_CHECK(false, "hzo executor: no explicit VJP for this node");
+  }
 }
 
 at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
