@@ -1,7 +1,7 @@
 """SPP against dense HZO on a small residual CNN at growing image sizes, and one HZO+SPP estimate
 of the ResNet-20-style model at 32x32 against float64 autograd.
 
-    python benchmarks/bench_spp.py            # writes benchmarks/results/spp_cpu.{csv,png} and resnet20_spp.csv
+    python benchmarks/bench_spp.py            # writes benchmarks/results/spp_cpu.{csv,png} and resnet20_spp_<split>.csv
 
 Part 1: the model is hzo_ext.models.digits_cnn (stem conv, residual block, strided residual
 block with a 1x1 shortcut, GAP, Linear; width 8) with 3 input channels, at H = W = 16, 32, 64, batch 2,
@@ -155,10 +155,10 @@ def main() -> None:
         write_csv(os.path.join(RESULTS, "spp_cpu.csv"), rows, command)
         plot(rows, os.path.join(RESULTS, "spp_cpu.png"))
     if not args.skip_resnet:
-        rows = [resnet20_estimate(args.resnet_batch, split) for split in args.resnet_splits]
-        write_csv(os.path.join(RESULTS, "resnet20_spp.csv"), rows,
-                  f"python benchmarks/bench_spp.py --skip-sizes --resnet-batch {args.resnet_batch} "
-                  f"--resnet-splits {' '.join(args.resnet_splits)}")
+        for split in args.resnet_splits:
+            write_csv(os.path.join(RESULTS, f"resnet20_spp_{split}.csv"), [resnet20_estimate(args.resnet_batch, split)],
+                      f"python benchmarks/bench_spp.py --skip-sizes --resnet-batch {args.resnet_batch} "
+                      f"--resnet-splits {split}")
 
 
 if __name__ == "__main__":
