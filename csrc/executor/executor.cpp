@@ -1,7 +1,8 @@
 // One HZO estimate in C++ (docs/executor.md). The order of operations and the ops themselves
 // are those of the Python path (hzo_ext/estimator.py: _clean_forward, _loss_head, _run_plan,
-// probe_targets, _leaves), so the targets delta_l agree bit for bit; only the leaves (one
-// autograd call for all stages instead of one per stage) may round differently.
+// probe_targets, _leaves), so the targets delta_l agree bit for bit; only the leaves (explicit
+// VJPs or one autograd call for all stages, instead of one autograd call per stage) may round
+// differently. fast=True gives that agreement up for less work (folding, stacked levels).
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
