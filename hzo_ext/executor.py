@@ -232,7 +232,8 @@ def _loss_spec(loss) -> tuple:
     fn = loss.reduced
     if fn is not None and fn.reduction in _REDUCTIONS:
         if _stock(fn, nn.CrossEntropyLoss):
-            return "cross_entropy", fn.weight, int(fn.ignore_index), float(fn.label_smoothing), _REDUCTIONS[fn.reduction]
+            return ("cross_entropy", fn.weight, int(fn.ignore_index), float(fn.label_smoothing),
+                    _REDUCTIONS[fn.reduction])
         if _stock(fn, nn.MSELoss):
             return "mse", None, -100, 0.0, _REDUCTIONS[fn.reduction]
     return "callback", None, -100, 0.0, 1

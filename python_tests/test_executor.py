@@ -3,7 +3,6 @@ gradients on the models of test_estimator.py and test_spp.py, no Python stage ca
 standard models, one callback per use of a custom module, the same errors, the fallbacks."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -12,7 +11,6 @@ from torch import nn
 
 import hzo_ext
 from _models import batch, mlp
-from hzo_ext import executor as cpp_executor
 from hzo_ext.models import digits_cnn, residual_mlp, resnet20_cifar
 from test_spp import DeclaredConv, Shuffle, _data, _seeded, conv_chain, strided_cnn
 

@@ -1,7 +1,8 @@
 // One HZO estimate in C++ (docs/executor.md). The order of operations and the ops themselves
 // are those of the Python path (hzo_ext/estimator.py: _clean_forward, _loss_head, _run_plan,
-// probe_targets, _leaves), so the targets delta_l agree bit for bit; only the leaves (one
-// autograd call for all stages instead of one per stage) may round differently.
+// probe_targets, _leaves), so the targets delta_l agree bit for bit; only the leaves (explicit
+// VJPs or one autograd call for all stages, instead of one autograd call per stage) may round
+// differently. fast=True gives that agreement up for less work (folding, stacked levels).
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -37,6 +38,13 @@ at::Tensor contract_sized_op(const at::Tensor& y, const at::Tensor& target, cons
   return op.call(y, target, owner, eps, num_inputs);
 }
 
+#ifdef HZO_WITH_CUDA
+// NVTX name of one phase of a split: hzo/split<i>-<m>-<j>/<part>.
+std::string split_range(const SplitPlan& s, const char* part) {
+  return "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/" + part;
+}
+#endif
+
 // [B, *S] -> [B * n, *S] view dims of `a` with the first replaced by -1.
 std::vector<int64_t> rows_shape(const at::Tensor& a) {
   std::vector<int64_t> s(a.sizes().begin(), a.sizes().end());
@@ -61,8 +69,7 @@ at::Tensor run_folded(const Node& node, const at::Tensor& a, int64_t start, cons
   switch (node.kind) {
     case Kind::Linear: {
       const auto& W = node.tensors[0];
-      const at::Tensor base = at::linear(a, W, node.tensors[1].defined() ? std::optional<at::Tensor>(node.tensors[1])
-                                                                          : std::nullopt);  // [B, O]
+      const at::Tensor base = at::linear(a, W, as_optional(node.tensors[1]));  // [B, O]
       const int64_t O = W.size(0);
       const at::Tensor cols = W.t().narrow(0, start, K).unsqueeze(0).unsqueeze(2);  // [1, K, 1, O]: W[:, k]
       at::Tensor out = at::empty({2, K, B, O}, base.options());  // row-major, whatever the inputs' strides
@@ -252,7 +259,7 @@ at::Tensor Executor::query_chunk(const SplitPlan& s, const Chunk& c, const at::T
   const int64_t K = c.ids.numel();
   if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
       2 * K * a.numel() * first_linear_outputs(first) >= kFoldPays) {
-    HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/query");
+    HZO_NVTX(r, split_range(s, "query"));
     const at::Tensor sel = a.narrow(1, c.start, K);  // [B, K]: the coordinates this chunk moves
     const at::Tensor d = at::stack({(sel + eps) - sel, (sel - eps) - sel}).transpose(1, 2).unsqueeze(-1).contiguous();
     at::Tensor z = run_folded(first, a, c.start, d, run);
@@ -261,10 +268,10 @@ at::Tensor Executor::query_chunk(const SplitPlan& s, const Chunk& c, const at::T
   }
   at::Tensor copies;
   {
-    HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/perturb");
+    HZO_NVTX(r, split_range(s, "perturb"));
     copies = perturb_op(a, s.colors, c.ids, eps).reshape(rows_shape(a));  // [2KB, *S]
   }
-  HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/query");
+  HZO_NVTX(r, split_range(s, "query"));
   return run_range(s.m, s.j, std::move(copies), run);
 }
 
@@ -275,7 +282,7 @@ at::Tensor Executor::probe_split(const SplitPlan& s, const at::Tensor& target, R
   at::Tensor delta;
   for (const auto& c : s.chunks) {
     const at::Tensor out = query_chunk(s, c, a, eps, run);
-    HZO_NVTX(r, "hzo/split" + std::to_string(s.i) + "-" + std::to_string(s.m) + "-" + std::to_string(s.j) + "/contract");
+    HZO_NVTX(r, split_range(s, "contract"));
     const at::Tensor part = contract_chunk(c, out.reshape(copies_shape(out, c.ids.numel(), B)), target, eps,
                                            s.num_inputs);
     delta = delta.defined() ? delta + part : part;
@@ -292,7 +299,7 @@ at::Tensor Executor::loss_head(const Plan& plan, const at::Tensor& y, const Loss
   const at::Tensor ones = at::ones({B, 1}, z.options());
   // The reduction's scale (stages.py LossHead._scale), from the real batch.
   at::Tensor scale_t;
-  const bool class_targets = loss_.kind == LossKind::CrossEntropy && (y.scalar_type() == at::kLong || y.scalar_type() == at::kInt);
+  const bool class_targets = loss_.kind == LossKind::CrossEntropy && y.scalar_type() == at::kLong;
   if (loss_.reduction == at::Reduction::Mean && class_targets) {
     const at::Tensor keep = y.ne(loss_.ignore_index);
     const at::Tensor wy = loss_.weight.defined()
@@ -312,9 +319,9 @@ at::Tensor Executor::loss_head(const Plan& plan, const at::Tensor& y, const Loss
       reps[0] = n;
       const at::Tensor ys = y.repeat(reps);
       const at::Tensor raw = loss_.kind == LossKind::CrossEntropy
-                                 ? at::cross_entropy_loss(copies, ys, loss_.weight.defined()
-                                                              ? std::optional<at::Tensor>(loss_.weight) : std::nullopt,
-                                                          at::Reduction::None, loss_.ignore_index, loss_.label_smoothing)
+                                 ? at::cross_entropy_loss(copies, ys, as_optional(loss_.weight),
+                                                          at::Reduction::None, loss_.ignore_index,
+                                                          loss_.label_smoothing)
                                  : at::mse_loss(copies, ys, at::Reduction::None);
       out = raw.reshape({raw.size(0), -1}).sum(1);
       if (scale_t.defined()) {
@@ -517,9 +524,8 @@ Outcome Executor::estimate(const Plan& plan, const at::Tensor& y, const LossCall
     if (want_loss && loss_.kind != LossKind::Callback) {
       const at::Tensor& z = acts_.back();
       out.loss = loss_.kind == LossKind::CrossEntropy
-                     ? at::cross_entropy_loss(z, y, loss_.weight.defined() ? std::optional<at::Tensor>(loss_.weight)
-                                                                           : std::nullopt,
-                                              loss_.reduction, loss_.ignore_index, loss_.label_smoothing)
+                     ? at::cross_entropy_loss(z, y, as_optional(loss_.weight), loss_.reduction, loss_.ignore_index,
+                                              loss_.label_smoothing)
                      : at::mse_loss(z, y, loss_.reduction);
     }
     std::vector<at::Tensor> head_losses;

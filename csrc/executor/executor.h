@@ -29,6 +29,11 @@ struct RunCounts {
   std::vector<at::Tensor>* tape = nullptr;  // when set, nodes record what their backward needs
 };
 
+// None for an undefined tensor (the optional arguments of ATen ops).
+inline std::optional<at::Tensor> as_optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // A stage Python runs: module(x) -> tensor.
 using StageCallback = std::function<at::Tensor(const at::Tensor&)>;
 // The per-sample loss Python runs: (perturbed logits [nB, *T], n copies) -> [nB, 1].

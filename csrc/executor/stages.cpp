@@ -35,10 +35,6 @@ std::vector<int64_t> take(const std::vector<int64_t>& ints, size_t& pos, int64_t
   return out;
 }
 
-std::optional<at::Tensor> opt(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
 }  // namespace
 
 Node Node::make(const std::string& kind, std::vector<at::Tensor> tensors, const std::vector<int64_t>& ints,
@@ -247,9 +243,9 @@ at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
   at::Tensor self = x;  // the in-place activations' argument
   switch (kind) {
     case Kind::Linear:
-      return at::linear(x, tensors[0], opt(tensors[1]));
+      return at::linear(x, tensors[0], as_optional(tensors[1]));
     case Kind::Conv: {
-      const auto bias = opt(tensors[1]);
+      const auto bias = as_optional(tensors[1]);
       if (!text.empty()) {  // padding='same' / 'valid'
         switch (nd) {
           case 1: return at::conv1d(x, tensors[0], bias, stride, text, dilation, groups);
@@ -267,8 +263,9 @@ at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
       bool ok = false;
       for (auto d : dims) ok = ok || x.dim() == d;
       TORCH_CHECK(ok, "hzo executor: batch norm on an input of rank ", x.dim());
-      return at::batch_norm(x, opt(tensors[0]), opt(tensors[1]), opt(tensors[2]), opt(tensors[3]),
-                            /*training=*/false, p0, p1, at::globalContext().userEnabledCuDNN());
+      return at::batch_norm(x, as_optional(tensors[0]), as_optional(tensors[1]), as_optional(tensors[2]),
+                            as_optional(tensors[3]), /*training=*/false, p0, p1,
+                            at::globalContext().userEnabledCuDNN());
     }
     case Kind::ReLU: return inplace ? at::relu_(self) : at::relu(x);
     case Kind::GELU: return at::gelu(x, text);
