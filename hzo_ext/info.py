@@ -5,7 +5,7 @@ import torch
 
 from . import _ext
 
-OPS = ("perturb", "contract", "contract_sized")
+OPS = ("perturb", "contract", "contract_sized", "contract_spp")
 
 
 def info() -> dict:
