@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import hzo_ext
 from hzo_ext.models import ACTIVATIONS, deep_mlp as mlp  # noqa: F401  (shared with `hzo-ext cosine`)
@@ -21,3 +22,19 @@ def min_cosine(model, loss_fn, x, y, estimator) -> float:
     model.zero_grad(set_to_none=True)
     estimator.backward(x, y)
     return min(hzo_ext.per_layer_cosine(model, hzo_ext.grads_of(model), ref))
+
+
+# Stages the estimators must refuse (bad-input tests of the Python path and the C++ executor).
+class MixSamples(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+class TupleOut(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+class Blowup(nn.Module):
+    def forward(self, x):
+        return torch.exp(1e4 * x)

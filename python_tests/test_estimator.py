@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import hzo_ext
-from _models import batch, min_cosine, mlp
+from _models import Blowup, MixSamples, TupleOut, batch, min_cosine, mlp
 
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
 CE = nn.CrossEntropyLoss
@@ -242,21 +242,6 @@ def test_per_layer_cosine_is_scale_free():
 
 # ---- bad input ---------------------------------------------------------------------------------
 
-class _MixSamples(nn.Module):
-    def forward(self, x):
-        return x - x.mean(0, keepdim=True)
-
-
-class _TupleOut(nn.Module):
-    def forward(self, x):
-        return x, x
-
-
-class _Blowup(nn.Module):
-    def forward(self, x):
-        return torch.exp(1e4 * x)
-
-
 class _NotAChain(nn.Module):
     def __init__(self):
         super().__init__()
@@ -275,7 +260,7 @@ def test_bad_eps(eps):
 @pytest.mark.parametrize("stage,message", [
     (nn.BatchNorm1d(8), "stage 3 \\(BatchNorm1d\\).*training mode mixes"),
     (nn.Dropout(0.2), "stage 3 \\(Dropout\\).*training mode"),
-    (_MixSamples(), "stage 3 \\(_MixSamples\\) mixes samples"),
+    (MixSamples(), "stage 3 \\(MixSamples\\) mixes samples"),
     (nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)), "stage 3 \\(Sequential\\), submodule '1'"),
 ])
 def test_refuses_sample_mixing(stage, message):
@@ -295,8 +280,8 @@ def test_eval_mode_batchnorm_is_fine():
 def test_refuses_non_chain_and_non_tensor_stages():
     with pytest.raises(TypeError, match="nn.Sequential or a list"):
         hzo_ext.HZO(_NotAChain(), CE())
-    model = nn.Sequential(nn.Linear(6, 5), _TupleOut(), nn.Linear(5, 5)).double()
-    with pytest.raises(TypeError, match="stage 2 \\(_TupleOut\\) returned a tuple"):
+    model = nn.Sequential(nn.Linear(6, 5), TupleOut(), nn.Linear(5, 5)).double()
+    with pytest.raises(TypeError, match="stage 2 \\(TupleOut\\) returned a tuple"):
         hzo_ext.HZO(model, CE()).backward(*batch())
 
 
@@ -325,12 +310,12 @@ def test_bad_shapes_and_dtypes():
 
 
 def test_non_finite_query_names_stage_and_split():
-    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), _Blowup(), nn.Linear(4, 5)).double()
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), Blowup(), nn.Linear(4, 5)).double()
     with torch.no_grad():
         model[0].weight.zero_()
         model[0].bias.fill_(0.07)  # clean exp(1e4 tanh(.07)) is finite
     x, y = batch()
-    with pytest.raises(ValueError, match=r"stage 3 \(_Blowup\) while probing split \(0, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"stage 3 \(Blowup\) while probing split \(0, 2, 4\]"):
         hzo_ext.HZO(model, CE(), eps=0.01).backward(x, y)
 
 

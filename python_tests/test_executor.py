@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import hzo_ext
-from _models import batch, mlp
+from _models import Blowup, MixSamples, TupleOut, batch, mlp
 from hzo_ext.models import digits_cnn, residual_mlp, resnet20_cifar
 from test_spp import DeclaredConv, Shuffle, _data, _seeded, conv_chain, strided_cnn
 
@@ -411,21 +411,6 @@ def test_dtype_conversion_after_first_estimate():
 
 # ---- bad input: the Python path's errors --------------------------------------------------------------
 
-class _MixSamples(nn.Module):
-    def forward(self, x):
-        return x - x.mean(0, keepdim=True)
-
-
-class _TupleOut(nn.Module):
-    def forward(self, x):
-        return x, x
-
-
-class _Blowup(nn.Module):
-    def forward(self, x):
-        return torch.exp(1e4 * x)
-
-
 def _same_error(make_model, x, y, loss_fn=None, **kw):
     errors = []
     for executor in ("python", "cpp"):
@@ -442,7 +427,7 @@ def _chain(stage):
 
 
 @needs_ext
-@pytest.mark.parametrize("stage", [lambda: nn.BatchNorm1d(8), lambda: nn.Dropout(0.2), _MixSamples, _TupleOut,
+@pytest.mark.parametrize("stage", [lambda: nn.BatchNorm1d(8), lambda: nn.Dropout(0.2), MixSamples, TupleOut,
                                    lambda: nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)),
                                    lambda: nn.Linear(7, 8)])
 def test_bad_stages_same_errors(stage):
@@ -465,7 +450,7 @@ def test_bad_inputs_same_errors():
 @needs_ext
 def test_non_finite_same_errors():
     def blowup():
-        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), _Blowup(), nn.Linear(4, 5)).double()
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), Blowup(), nn.Linear(4, 5)).double()
         with torch.no_grad():
             model[0].weight.zero_()
             model[0].bias.fill_(0.07)  # the clean forward is finite, a query is not
@@ -473,7 +458,7 @@ def test_non_finite_same_errors():
 
     x, y = batch()
     _same_error(blowup, x, y, eps=0.01)
-    _same_error(lambda: nn.Sequential(nn.Linear(6, 4), _Blowup(), nn.Linear(4, 5)).double(), x + 1, y)
+    _same_error(lambda: nn.Sequential(nn.Linear(6, 4), Blowup(), nn.Linear(4, 5)).double(), x + 1, y)
     plain = lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 5)).double()  # noqa
     _same_error(plain, x * 1e308, y)  # inf in the clean forward (lowered stages)
 
