@@ -471,7 +471,8 @@ class HZO(StageEstimator):
             raise ValueError(f"spp must be 'auto', True or False, got {spp!r}")
         self.split = split
         self.spp = spp
-        self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring of split (m, j]; and the barrier stages
+        self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
+        self._barriers: dict = {}  # activation shapes -> the barrier stages (_split_policy)
         self._spp_warned: set = set()
         self._cpp = cpp_executor.select(self, executor, fast)  # None: the Python path
         self.executor = "python" if self._cpp is None else "cpp"
@@ -508,11 +509,11 @@ class HZO(StageEstimator):
         half that would then be probed densely; ranges without barriers are bisected as usual."""
         if self.spp is False or self.split != "bisect":
             return self.split
-        key = ("barriers", tuple(map(tuple, shapes)))
-        if key not in self._colorings:
-            self._colorings[key] = [l for l in range(1, len(shapes))
-                                    if spp_geometry.is_barrier(self.stages[l - 1], shapes[l - 1])]
-        barriers = self._colorings[key]
+        key = tuple(map(tuple, shapes))
+        if key not in self._barriers:
+            self._barriers[key] = [l for l in range(1, len(shapes))
+                                   if spp_geometry.is_barrier(self.stages[l - 1], shapes[l - 1])]
+        barriers = self._barriers[key]
         if not barriers:
             return "bisect"
 

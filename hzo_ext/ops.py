@@ -108,6 +108,17 @@ def _check_perturb(a, colors, probe_ids, eps) -> None:
         raise ValueError(f"{op}: probe_ids must be >= 0 (out of range)")
 
 
+def _check_target(y, target, op: str, layout: str) -> None:
+    """target matches y [2, K, B, ...] in device, dtype and shape (y's dims after the first two)."""
+    if target.device != y.device:
+        raise ValueError(f"{op}: target is on {target.device} but y is on {y.device}")
+    if target.dtype != y.dtype:
+        raise TypeError(f"{op}: target dtype {target.dtype} does not match y dtype {y.dtype}")
+    if tuple(target.shape) != tuple(y.shape[2:]):
+        raise ValueError(f"{op}: target must be {layout} = {tuple(y.shape[2:])} to match y of shape "
+                         f"{tuple(y.shape)}, got shape {tuple(target.shape)}")
+
+
 def _check_contract(y, target, owner, eps, num_inputs) -> int:
     op = "hzo_ext::contract" if num_inputs is None else "hzo_ext::contract_sized"
     _check_eps(eps, op)
@@ -115,13 +126,7 @@ def _check_contract(y, target, owner, eps, num_inputs) -> int:
         raise TypeError(f"{op}: y must be a floating tensor (float16, bfloat16, float32, float64), got {y.dtype}")
     if y.dim() < 4 or y.shape[0] != 2:
         raise ValueError(f"{op}: y must be [2, K, B, *T] (the +eps and -eps outputs), got shape {tuple(y.shape)}")
-    if target.device != y.device:
-        raise ValueError(f"{op}: target is on {target.device} but y is on {y.device}")
-    if target.dtype != y.dtype:
-        raise TypeError(f"{op}: target dtype {target.dtype} does not match y dtype {y.dtype}")
-    if tuple(target.shape) != tuple(y.shape[2:]):
-        raise ValueError(f"{op}: target must be [B, *T] = {tuple(y.shape[2:])} to match y of shape "
-                         f"{tuple(y.shape)}, got shape {tuple(target.shape)}")
+    _check_target(y, target, op, "[B, *T]")
     _check_index(owner, y, op, "owner", "y")
     K, Q = y.shape[1], math.prod(target.shape[1:])
     if tuple(owner.shape) != (K, Q):
@@ -151,13 +156,7 @@ def _check_contract_spp(y, target, colors, probe_start, boxes, in_shape, channel
     if y.dim() != 4 + r or y.shape[0] != 2:
         raise ValueError(f"{op}: y must be [2, K, B, Cout, *T] with {r} spatial axes (the +eps and -eps "
                          f"outputs), got shape {tuple(y.shape)}")
-    if target.device != y.device:
-        raise ValueError(f"{op}: target is on {target.device} but y is on {y.device}")
-    if target.dtype != y.dtype:
-        raise TypeError(f"{op}: target dtype {target.dtype} does not match y dtype {y.dtype}")
-    if tuple(target.shape) != tuple(y.shape[2:]):
-        raise ValueError(f"{op}: target must be [B, Cout, *T] = {tuple(y.shape[2:])} to match y of shape "
-                         f"{tuple(y.shape)}, got shape {tuple(target.shape)}")
+    _check_target(y, target, op, "[B, Cout, *T]")
     if probe_start < 0:
         raise ValueError(f"{op}: probe_start must be >= 0, got {probe_start}")
     _check_index(colors, y, op, "colors", "y")

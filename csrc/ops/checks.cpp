@@ -82,9 +82,9 @@ int64_t check_contract_args(const at::Tensor& y, const at::Tensor& target, const
   return *num_inputs;
 }
 
-BoxGeometry check_contract_spp_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& colors,
-                                    int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
-                                    bool channelwise, double eps) {
+ContractSppArgs prepare_contract_spp(const at::Tensor& y, const at::Tensor& target, const at::Tensor& colors,
+                                     int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
+                                     bool channelwise, double eps) {
   const char* op = "hzo_ext::contract_spp";
   check_eps(eps, op);
   check_floating(y, op, "y");
@@ -130,7 +130,10 @@ BoxGeometry check_contract_spp_args(const at::Tensor& y, const at::Tensor& targe
   const auto lo = boxes[0], hi = boxes[1];
   const bool outside = ((lo <= hi) & ((lo < 0) | (hi >= limit))).any().item<bool>();
   TORCH_CHECK(!outside, op, ": boxes hold an interval outside the output axis (out of range)");
-  return g;
+  ContractSppArgs args{y.contiguous(), target.contiguous(), colors.contiguous(), boxes.contiguous(), g};
+  args.g.lo = args.boxes.data_ptr<int64_t>();
+  args.g.hi = args.g.lo + args.boxes.size(1);
+  return args;
 }
 
 OwnerCsr owner_csr(const at::Tensor& owner, int64_t num_inputs) {

@@ -24,10 +24,15 @@ int64_t check_contract_args(const at::Tensor& y, const at::Tensor& target, const
 // contract_spp: y [2, K, B, Cout, *T] floating, target [B, Cout, *T] same dtype and device,
 // colors int64 [C * prod(S)], boxes int64 [2, sum(S)] (row 0: lo, row 1: hi per input position
 // of each axis, empty or inside [0, T_a)), in_shape = [C, *S] with 1 to 3 spatial axes,
-// channelwise needs Cout == C. Returns the geometry (lo/hi pointers left null).
-BoxGeometry check_contract_spp_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& colors,
-                                    int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
-                                    bool channelwise, double eps);
+// channelwise needs Cout == C. Returns contiguous copies and the geometry, its lo/hi pointing
+// into `boxes` (shared by the CPU and CUDA wrappers; on CUDA, call under the device guard).
+struct ContractSppArgs {
+  at::Tensor y, target, colors, boxes;
+  BoxGeometry g;
+};
+ContractSppArgs prepare_contract_spp(const at::Tensor& y, const at::Tensor& target, const at::Tensor& colors,
+                                     int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
+                                     bool channelwise, double eps);
 
 // The owner map grouped by input coordinate, in (k, q) flat order: entries of coordinate s are
 // perm[offsets[s] .. offsets[s+1]). Device-agnostic (built with ATen on owner's device).

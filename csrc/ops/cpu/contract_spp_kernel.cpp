@@ -20,14 +20,10 @@ struct CastToAcc {
 at::Tensor contract_spp_cpu(const at::Tensor& y_in, const at::Tensor& target_in, const at::Tensor& colors_in,
                             int64_t probe_start, const at::Tensor& boxes_in, at::IntArrayRef in_shape,
                             bool channelwise, double eps) {
-  BoxGeometry g = check_contract_spp_args(y_in, target_in, colors_in, probe_start, boxes_in, in_shape,
-                                          channelwise, eps);
-  const auto y = y_in.contiguous();
-  const auto target = target_in.contiguous();
-  const auto colors = colors_in.contiguous();
-  const auto boxes = boxes_in.contiguous();
-  g.lo = boxes.data_ptr<int64_t>();
-  g.hi = g.lo + boxes.size(1);
+  const ContractSppArgs args =
+      prepare_contract_spp(y_in, target_in, colors_in, probe_start, boxes_in, in_shape, channelwise, eps);
+  const at::Tensor &y = args.y, &target = args.target, &colors = args.colors;
+  const BoxGeometry& g = args.g;
   const int64_t K = y.size(1), B = y.size(2), Q = g.out_features(), P = g.in_spatial();
   auto out = at::empty({B, g.C * P}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "hzo_ext::contract_spp", [&] {

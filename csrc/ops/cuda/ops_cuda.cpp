@@ -66,15 +66,11 @@ at::Tensor contract_sized_cuda(const at::Tensor& y, const at::Tensor& target, co
 at::Tensor contract_spp_cuda(const at::Tensor& y_in, const at::Tensor& target_in, const at::Tensor& colors_in,
                              int64_t probe_start, const at::Tensor& boxes_in, at::IntArrayRef in_shape,
                              bool channelwise, double eps) {
-  BoxGeometry g = check_contract_spp_args(y_in, target_in, colors_in, probe_start, boxes_in, in_shape,
-                                          channelwise, eps);
   const c10::cuda::CUDAGuard guard(y_in.device());
-  const auto y = y_in.contiguous();
-  const auto target = target_in.contiguous();
-  const auto colors = colors_in.contiguous();
-  const auto boxes = boxes_in.contiguous();
-  g.lo = boxes.data_ptr<int64_t>();
-  g.hi = g.lo + boxes.size(1);
+  const ContractSppArgs args =
+      prepare_contract_spp(y_in, target_in, colors_in, probe_start, boxes_in, in_shape, channelwise, eps);
+  const at::Tensor &y = args.y, &target = args.target, &colors = args.colors;
+  const BoxGeometry& g = args.g;
   auto out = at::empty({y.size(2), g.C * g.in_spatial()}, y.options());
   const char* err = launch_contract_spp(to_dtype(y.scalar_type()), y.data_ptr(), target.data_ptr(),
                                         colors.data_ptr<int64_t>(), g, out.data_ptr(), y.size(1), y.size(2),
