@@ -2,8 +2,8 @@
 
 ``HZO(..., executor="cpp")`` (or ``"auto"`` when the extension is loaded and every option is
 supported) runs a whole estimate in C++ (``csrc/executor``): clean forward, loss head, the
-splits level by level (``hzo_ext::perturb``, the right sub-network, ``hzo_ext::contract_sized``),
-leaves. Each stage is *lowered* here into a tree of ``_C.ExecNode``: a standard module (Linear,
+splits level by level (``hzo_ext::perturb``, the right sub-network, ``hzo_ext::contract_sized``
+or, for SPP splits, ``contract_spp``), leaves. Each stage is *lowered* here into a tree of ``_C.ExecNode``: a standard module (Linear,
 Conv1d/2d/3d, eval BatchNorm, activations, pooling, Flatten, eval Dropout, Identity,
 Sequential, ``ResidualBlock``) becomes a node that calls the same ATen op with the same
 arguments as the module's forward (and holds the module's own parameter tensors, so optimizer
@@ -281,12 +281,11 @@ class CppExecutor:
                     coloring = est._split_coloring(s.m, s.j, shapes)
                     n, q = math.prod(shapes[s.m]), math.prod(shapes[s.j])
                     if s.dense:
-                        rows.append((s.i, s.m, s.j, s.probes, s.queries, n, q, None, []))
+                        rows.append((s.i, s.m, s.j, s.probes, s.queries, n, q, None))
                         continue
-                    chunk = s.probes if est.chunk_size is None else est.chunk_size
-                    owners = [coloring.owner(torch.arange(a, min(s.probes, a + chunk), device=x.device), q)
-                              for a in range(0, s.probes, chunk)]
-                    rows.append((s.i, s.m, s.j, s.probes, s.queries, n, q, coloring.colors(x.device), owners))
+                    spp = (coloring.colors(x.device), coloring.boxes(x.device), coloring.in_shape,
+                           coloring.geometry_out, coloring.channelwise)
+                    rows.append((s.i, s.m, s.j, s.probes, s.queries, n, q, spp))
                 levels.append(rows)
             plan = (_C.ExecPlan(levels, math.prod(shapes[-1]), est.chunk_size, str(x.device)), py_plan)
             self._plans[key] = plan

@@ -248,10 +248,7 @@ def test_digits_cnn_and_resnet20(dtype):
     if dtype == torch.float32:
         torch.manual_seed(0)
         model = resnet20_cifar(width=2).to(dtype)
-        # 2e-6, not 1e-6: the C++ executor still contracts SPP splits with materialised owner maps
-        # (ops.contract), the Python path with ops.contract_spp; the two sum each box in another
-        # order (1.7e-6 measured). Issue 5 keeps this open until the executor calls contract_spp.
-        _same_as_python(model, CE(), *_data((2, 3, 8, 8), classes=10, dtype=dtype), tol=2e-6)
+        _same_as_python(model, CE(), *_data((2, 3, 8, 8), classes=10, dtype=dtype))
 
 
 @needs_ext

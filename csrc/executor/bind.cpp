@@ -55,10 +55,10 @@ std::vector<at::Tensor> tensors_of(const std::vector<std::optional<at::Tensor>>&
   return out;
 }
 
-// levels: [[(i, m, j, probes, queries, num_inputs, num_outputs, colors or None (dense),
-//            [owner per chunk] (SPP)), ...], ...]
-using SplitTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                              std::optional<at::Tensor>, std::vector<at::Tensor>>;
+// SPP geometry of a split: (colors, boxes, in_shape, geometry_out, channelwise) or None (dense).
+using SppTuple = std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<int64_t>, bool>;
+// levels: [[(i, m, j, probes, queries, num_inputs, num_outputs, SppTuple or None), ...], ...]
+using SplitTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, std::optional<SppTuple>>;
 
 Plan make_plan(const std::vector<std::vector<SplitTuple>>& levels, int64_t head_inputs,
                std::optional<int64_t> chunk_size, const std::string& device_str) {
@@ -67,7 +67,7 @@ Plan make_plan(const std::vector<std::vector<SplitTuple>>& levels, int64_t head_
   Plan plan;
   for (const auto& level : levels) {
     std::vector<SplitPlan> splits;
-    for (const auto& [i, m, j, probes, queries, num_inputs, num_outputs, colors, owners] : level) {
+    for (const auto& [i, m, j, probes, queries, num_inputs, num_outputs, spp] : level) {
       SplitPlan s;
       s.i = i;
       s.m = m;
@@ -76,16 +76,22 @@ Plan make_plan(const std::vector<std::vector<SplitTuple>>& levels, int64_t head_
       s.queries = queries;
       s.num_inputs = num_inputs;
       s.num_outputs = num_outputs;
-      s.dense = !colors.has_value();
-      s.colors = colors ? *colors : at::arange(num_inputs, longs);
-      s.chunks = make_chunks(probes, chunk_size, device, owners, num_outputs);
+      s.dense = !spp.has_value();
+      if (spp) {
+        const auto& [colors, boxes, in_shape, geometry_out, channelwise] = *spp;
+        s.spp = SppGeometry{colors, boxes, in_shape, geometry_out, channelwise};
+        s.colors = colors;
+      } else {
+        s.colors = at::arange(num_inputs, longs);
+      }
+      s.chunks = make_chunks(probes, chunk_size, device, s.dense, num_outputs);
       splits.push_back(std::move(s));
     }
     plan.levels.push_back(std::move(splits));
   }
   plan.head_inputs = head_inputs;
   plan.head_colors = at::arange(head_inputs, longs);
-  plan.head_chunks = make_chunks(head_inputs, chunk_size, device, {}, 1);
+  plan.head_chunks = make_chunks(head_inputs, chunk_size, device, true, 1);
   return plan;
 }
 

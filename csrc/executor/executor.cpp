@@ -38,6 +38,17 @@ at::Tensor contract_sized_op(const at::Tensor& y, const at::Tensor& target, cons
   return op.call(y, target, owner, eps, num_inputs);
 }
 
+at::Tensor contract_spp_op(const at::Tensor& y, const at::Tensor& target, const at::Tensor& colors,
+                           int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape, bool channelwise,
+                           double eps) {
+  at::AutoDispatchBelowAutograd below_autograd;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hzo_ext::contract_spp", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                               const at::Tensor&, at::IntArrayRef, bool, double)>();
+  return op.call(y, target, colors, probe_start, boxes, in_shape, channelwise, eps);
+}
+
 #ifdef HZO_WITH_CUDA
 // NVTX name of one phase of a split: hzo/split<i>-<m>-<j>/<part>.
 std::string split_range(const SplitPlan& s, const char* part) {
@@ -159,19 +170,16 @@ bool all_finite(const std::vector<at::Tensor>& ts) {
 }  // namespace
 
 std::vector<Chunk> make_chunks(int64_t num_probes, std::optional<int64_t> chunk_size, const at::Device& device,
-                               const std::vector<at::Tensor>& owners, int64_t num_outputs) {
+                               bool dense_owners, int64_t num_outputs) {
   const int64_t chunk = chunk_size ? *chunk_size : num_probes;
   TORCH_CHECK(chunk > 0, "hzo executor: chunk size must be positive");
   constexpr int64_t kKeepDenseOwner = int64_t{1} << 20;  // entries (8 MiB): else built per use
   std::vector<Chunk> chunks;
-  for (int64_t start = 0, k = 0; start < num_probes; start += chunk, ++k) {
+  for (int64_t start = 0; start < num_probes; start += chunk) {
     Chunk c;
     c.start = start;
     c.ids = at::arange(start, std::min(num_probes, start + chunk), at::TensorOptions().dtype(at::kLong).device(device));
-    if (!owners.empty()) {
-      TORCH_CHECK(static_cast<size_t>(k) < owners.size(), "hzo executor: fewer owner maps than chunks");
-      c.owner = owners[k];
-    } else if (c.ids.numel() * num_outputs <= kKeepDenseOwner) {
+    if (dense_owners && c.ids.numel() * num_outputs <= kKeepDenseOwner) {
       c.owner = dense_owner(c.ids, num_outputs);
     }
     chunks.push_back(std::move(c));
@@ -183,8 +191,18 @@ at::Tensor dense_owner(const at::Tensor& ids, int64_t num_outputs) {
   return ids.reshape({-1, 1}).expand({-1, num_outputs}).contiguous();
 }
 
-at::Tensor contract_chunk(const Chunk& c, const at::Tensor& y, const at::Tensor& target, double eps,
-                          int64_t num_inputs) {
+at::Tensor contract_chunk(const Chunk& c, const SppGeometry* spp, const at::Tensor& y, const at::Tensor& target,
+                          double eps, int64_t num_inputs) {
+  if (spp) {  // as SpatialColoring.contract: outputs seen in the geometry's [C', *T]
+    const int64_t per_sample = c10::multiply_integers(spp->geometry_out);
+    TORCH_CHECK(y.numel() == y.size(0) * y.size(1) * y.size(2) * per_sample, "SPP: the sub-network gave ",
+                y.sizes().slice(3), " outputs per sample, the geometry predicts ", spp->geometry_out);
+    std::vector<int64_t> y_shape{y.size(0), y.size(1), y.size(2)}, t_shape{target.size(0)};
+    y_shape.insert(y_shape.end(), spp->geometry_out.begin(), spp->geometry_out.end());
+    t_shape.insert(t_shape.end(), spp->geometry_out.begin(), spp->geometry_out.end());
+    return contract_spp_op(y.reshape(y_shape), target.reshape(t_shape), spp->colors, c.start, spp->boxes,
+                           spp->in_shape, spp->channelwise, eps);
+  }
   const at::Tensor owner =
       c.owner.defined() ? c.owner : dense_owner(c.ids, target.numel() / std::max<int64_t>(target.size(0), 1));
   return contract_sized_op(y, target, owner, eps, num_inputs);
@@ -283,7 +301,7 @@ at::Tensor Executor::probe_split(const SplitPlan& s, const at::Tensor& target, R
   for (const auto& c : s.chunks) {
     const at::Tensor out = query_chunk(s, c, a, eps, run);
     HZO_NVTX(r, split_range(s, "contract"));
-    const at::Tensor part = contract_chunk(c, out.reshape(copies_shape(out, c.ids.numel(), B)), target, eps,
+    const at::Tensor part = contract_chunk(c, s.spp ? &*s.spp : nullptr, out.reshape(copies_shape(out, c.ids.numel(), B)), target, eps,
                                            s.num_inputs);
     delta = delta.defined() ? delta + part : part;
   }
@@ -333,7 +351,7 @@ at::Tensor Executor::loss_head(const Plan& plan, const at::Tensor& y, const Loss
       outcome.loss_evals += n;
       out = out.unsqueeze(1);
     }
-    const at::Tensor part = contract_chunk(c, out.reshape({2, K, B, 1}), ones, eps, plan.head_inputs);
+    const at::Tensor part = contract_chunk(c, nullptr, out.reshape({2, K, B, 1}), ones, eps, plan.head_inputs);
     delta = delta.defined() ? delta + part : part;
   }
   return delta.reshape(z.sizes());
@@ -407,11 +425,11 @@ void Executor::run_stacked(const std::vector<const SplitPlan*>& group, std::vect
     const int64_t Q = z.size(2);
     if (same_eps) {  // one contraction of all S: [S, 2, K, B, Q] -> [2, K, S*B, Q]
       const at::Tensor y = z.view({S, 2, K, B, Q}).permute({1, 2, 0, 3, 4}).reshape({2, K, S * B, Q});
-      const at::Tensor part = contract_chunk(c, y, target, eps[0], s0.num_inputs).view({S, B, -1});
+      const at::Tensor part = contract_chunk(c, nullptr, y, target, eps[0], s0.num_inputs).view({S, B, -1});
       for (int64_t k = 0; k < S; ++k) delta[k] = delta[k].defined() ? delta[k] + part[k] : part[k];
     } else {
       for (int64_t k = 0; k < S; ++k) {
-        const at::Tensor part = contract_chunk(c, z[k].view({2, K, B, Q}), targets[k], eps[k], s0.num_inputs);
+        const at::Tensor part = contract_chunk(c, nullptr, z[k].view({2, K, B, Q}), targets[k], eps[k], s0.num_inputs);
         delta[k] = delta[k].defined() ? delta[k] + part : part;
       }
     }

@@ -91,17 +91,28 @@ struct Node {
   bool calls_python() const;
 };
 
-// Probe ids of one chunk and, for SPP, its owner map [K, prod(T)] (undefined: dense).
+// Probe ids of one chunk and, for dense probes, its owner map [K, prod(T)] when small enough to
+// keep (undefined: built per use).
 struct Chunk {
   int64_t start = 0;  // ids = start, start + 1, ...
   at::Tensor ids;
   at::Tensor owner;
 };
 
+// An SPP split's geometry, for hzo_ext::contract_spp (hzo_ext/spp.py SpatialColoring).
+struct SppGeometry {
+  at::Tensor colors;                  // [prod(C, *S)] (the split's colors)
+  at::Tensor boxes;                   // [2, sum(S)] footprint intervals per input position
+  std::vector<int64_t> in_shape;      // [C, *S]
+  std::vector<int64_t> geometry_out;  // [C', *T] (the output before a Flatten of 1s)
+  bool channelwise = false;
+};
+
 struct SplitPlan {
   int64_t i = 0, m = 0, j = 0, probes = 0, queries = 0, num_inputs = 0, num_outputs = 0;
   bool dense = true;
   at::Tensor colors;  // [prod(S_m)]
+  std::optional<SppGeometry> spp;  // set for SPP splits
   std::vector<Chunk> chunks;
 };
 
@@ -112,10 +123,10 @@ struct Plan {
   int64_t head_inputs = 0;
 };
 
-// A plan's probe ids, chunk_size at a time, on `device`, with the given owner maps (SPP) or,
-// when small enough to keep, the dense ones for num_outputs outputs per sample.
+// A plan's probe ids, chunk_size at a time, on `device`, with their dense owner maps for
+// num_outputs outputs per sample when small enough to keep (dense_owners).
 std::vector<Chunk> make_chunks(int64_t num_probes, std::optional<int64_t> chunk_size, const at::Device& device,
-                               const std::vector<at::Tensor>& owners, int64_t num_outputs);
+                               bool dense_owners, int64_t num_outputs);
 
 enum class LossKind { CrossEntropy, MSE, Callback };
 
@@ -197,9 +208,10 @@ class Executor {
 at::Tensor dense_owner(const at::Tensor& ids, int64_t num_outputs);
 
 // The one place a chunk's query outputs y [2, K, B, *T] are contracted with the target [B, *T]
-// (hzo_ext::contract_sized through the dispatcher; dense owner maps built here).
-at::Tensor contract_chunk(const Chunk& c, const at::Tensor& y, const at::Tensor& target, double eps,
-                          int64_t num_inputs);
+// (through the dispatcher: hzo_ext::contract_spp for an SPP split, spp set; else
+// hzo_ext::contract_sized with the dense owner map, built here when the chunk has none).
+at::Tensor contract_chunk(const Chunk& c, const SppGeometry* spp, const at::Tensor& y, const at::Tensor& target,
+                          double eps, int64_t num_inputs);
 
 }  // namespace hzo::exec
 
