@@ -183,6 +183,37 @@ def test_explicit_leaves(dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_query_intermediates_overwritten_only_when_unshared(dtype):
+    # Query runs compute activations and residual sums in place into intermediates nothing else
+    # holds. Here the input of an in-place candidate is also needed elsewhere: the skip of a
+    # residual block whose module starts with an activation, an Identity module (branch is the
+    # skip), a view (Flatten) of a stage input, an activation right after the perturbed copies
+    # (the clean a_m must stay intact), and module-level inplace=True. Large enough (width 64,
+    # batch 8) for the folding of fast mode to run too.
+    torch.manual_seed(0)
+    R = hzo_ext.ResidualBlock
+    model = nn.Sequential(
+        nn.Linear(6, 64), nn.Tanh(),
+        R(nn.Sequential(nn.GELU(), nn.Linear(64, 64))),
+        R(nn.Sequential(nn.Tanh(), nn.Linear(64, 64)), shortcut=nn.Sigmoid()),
+        R(nn.Identity()),
+        R(nn.Sequential(nn.Linear(64, 64), nn.ReLU(inplace=True)), shortcut=nn.Identity()),
+        nn.Sequential(nn.Flatten(), nn.SiLU()),
+        R(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh())),
+        nn.Linear(64, 5)).to(dtype)
+    x, y = batch(8, dtype=dtype)
+    _same_as_python(model, CE(), x, y)
+    _same_as_python(model, CE(), x, y, split="chain", chunk_size=24)
+    g_py, _, _ = _run(model, CE(), x, y, "python")
+    g, _ = _fast(model, x, y)
+    ref = hzo_ext.reference_grads(model, CE(), x, y)
+    assert min(hzo_ext.per_layer_cosine(model, g, ref)) >= (0.999 if dtype == torch.float32 else 0.99999)
+    if dtype == torch.float64:
+        assert _max_rel(g, g_py) <= 1e-10
+
+
+@needs_ext
 def test_list_of_modules_and_frozen_parameters_accumulate():
     model = mlp(5, 8, "tanh", residual=True)
     model[2].module[0].weight.requires_grad_(False)

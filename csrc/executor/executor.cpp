@@ -82,7 +82,8 @@ at::Tensor run_folded(const Node& node, const at::Tensor& a, int64_t start, cons
       const auto& W = node.tensors[0];
       const at::Tensor base = at::linear(a, W, as_optional(node.tensors[1]));  // [B, O]
       const int64_t O = W.size(0);
-      const at::Tensor cols = W.t().narrow(0, start, K).unsqueeze(0).unsqueeze(2);  // [1, K, 1, O]: W[:, k]
+      // [1, K, 1, O]: W[:, k], contiguous (a strided column would keep addcmul from vectorizing)
+      const at::Tensor cols = W.t().narrow(0, start, K).contiguous().unsqueeze(0).unsqueeze(2);
       at::Tensor out = at::empty({2, K, B, O}, base.options());  // row-major, whatever the inputs' strides
       at::addcmul_out(out, base.view({1, 1, B, O}), d, cols);
       return out.view({2 * K * B, O});
@@ -150,8 +151,10 @@ struct Stacked {
         for (const auto& c : children) z = c.forward(z, run);
         return z;
       }
-      case Kind::Residual:
-        return (proto->has_shortcut ? children[1].forward(x, run) : x) + children[0].forward(x, run);
+      case Kind::Residual: {
+        at::Tensor skip = proto->has_shortcut ? children[1].forward(x, run) : x;
+        return residual_sum(skip, children[0].forward(x, run), run);
+      }
       default:  // elementwise, the same hyperparameters for all S
         return proto->compute(x, run);
     }
@@ -275,6 +278,7 @@ at::Tensor Executor::query_chunk(const SplitPlan& s, const Chunk& c, const at::T
                                  RunCounts& run) const {
   const Node& first = stages_[s.m];
   const int64_t K = c.ids.numel();
+  run.reuse = true;  // the query's intermediates are its own
   if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
       2 * K * a.numel() * first_linear_outputs(first) >= kFoldPays) {
     HZO_NVTX(r, split_range(s, "query"));
@@ -391,6 +395,7 @@ void Executor::run_stacked(const std::vector<const SplitPlan*>& group, std::vect
   const int64_t S = static_cast<int64_t>(group.size());
   const SplitPlan& s0 = *group[0];
   const int64_t B = acts_[s0.m].size(0), n = acts_[s0.m].size(1);
+  run.reuse = true;  // the query's intermediates are its own
   HZO_NVTX(r, "hzo/stacked" + std::to_string(S) + "x" + std::to_string(s0.m) + "-" + std::to_string(s0.j));
   std::vector<at::Tensor> a, targets;
   std::vector<double> eps;

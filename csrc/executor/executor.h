@@ -27,7 +27,19 @@ struct RunCounts {
   int64_t widest = 0;
   int64_t folded = 0;  // query chunks run with a folded first Linear
   std::vector<at::Tensor>* tape = nullptr;  // when set, nodes record what their backward needs
+  bool reuse = false;  // a query run: nodes may overwrite an input nothing else holds (overwritable)
 };
+
+// True when a node may compute in place into x: a query run (run.reuse, no tape), x an
+// intermediate no other tensor or view holds (the caller's one reference), dense, no autograd.
+// The clean activations a_l are held by the executor, so they are never overwritten. In-place
+// ATen ops give the bits of their out-of-place forms; they only save the allocation (on a CPU,
+// fresh multi-MiB buffers cost page faults comparable to the elementwise op itself).
+bool overwritable(const at::Tensor& x, const RunCounts& run);
+
+// skip + branch (a residual block's sum), into branch when it is overwritable and has skip's
+// shape, dtype and strides (then the same bits and the same layout as the out-of-place sum).
+at::Tensor residual_sum(const at::Tensor& skip, at::Tensor branch, const RunCounts& run);
 
 // None for an undefined tensor (the optional arguments of ATen ops).
 inline std::optional<at::Tensor> as_optional(const at::Tensor& t) {

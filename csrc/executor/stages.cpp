@@ -239,7 +239,23 @@ at::Tensor Node::backward(const at::Tensor& g, std::vector<at::Tensor>& tape, bo
   }
 }
 
+bool overwritable(const at::Tensor& x, const RunCounts& run) {
+  return run.reuse && run.tape == nullptr && x.use_count() == 1 && x.storage().use_count() == 1 &&
+         !x.requires_grad() && x.is_non_overlapping_and_dense();
+}
+
+at::Tensor residual_sum(const at::Tensor& skip, at::Tensor branch, const RunCounts& run) {
+  if (overwritable(branch, run) && branch.sizes() == skip.sizes() && branch.strides() == skip.strides() &&
+      branch.scalar_type() == skip.scalar_type() && branch.device() == skip.device()) {
+    return branch.add_(skip);  // IEEE addition commutes: the bits of skip + branch
+  }
+  return skip + branch;
+}
+
 at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
+  // The module's own in-place flag, or a query intermediate nothing else holds (checked before
+  // `self` takes a second reference).
+  const bool in_place = inplace || overwritable(x, run);
   at::Tensor self = x;  // the in-place activations' argument
   switch (kind) {
     case Kind::Linear:
@@ -267,17 +283,17 @@ at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
                             as_optional(tensors[3]), /*training=*/false, p0, p1,
                             at::globalContext().userEnabledCuDNN());
     }
-    case Kind::ReLU: return inplace ? at::relu_(self) : at::relu(x);
-    case Kind::GELU: return at::gelu(x, text);
-    case Kind::Tanh: return at::tanh(x);
-    case Kind::Sigmoid: return at::sigmoid(x);
-    case Kind::SiLU: return inplace ? at::silu_(self) : at::silu(x);
-    case Kind::LeakyReLU: return inplace ? at::leaky_relu_(self, p0) : at::leaky_relu(x, p0);
-    case Kind::ELU: return inplace ? at::elu_(self, p0) : at::elu(x, p0);
+    case Kind::ReLU: return in_place ? at::relu_(self) : at::relu(x);
+    case Kind::GELU: return in_place ? at::gelu_(self, text) : at::gelu(x, text);
+    case Kind::Tanh: return in_place ? at::tanh_(self) : at::tanh(x);
+    case Kind::Sigmoid: return in_place ? at::sigmoid_(self) : at::sigmoid(x);
+    case Kind::SiLU: return in_place ? at::silu_(self) : at::silu(x);
+    case Kind::LeakyReLU: return in_place ? at::leaky_relu_(self, p0) : at::leaky_relu(x, p0);
+    case Kind::ELU: return in_place ? at::elu_(self, p0) : at::elu(x, p0);
     case Kind::Softplus: return at::softplus(x, p0, p1);
-    case Kind::Hardtanh: return inplace ? at::hardtanh_(self, p0, p1) : at::hardtanh(x, p0, p1);
-    case Kind::Mish: return inplace ? at::mish_(self) : at::mish(x);
-    case Kind::Hardswish: return inplace ? at::hardswish_(self) : at::hardswish(x);
+    case Kind::Hardtanh: return in_place ? at::hardtanh_(self, p0, p1) : at::hardtanh(x, p0, p1);
+    case Kind::Mish: return in_place ? at::mish_(self) : at::mish(x);
+    case Kind::Hardswish: return in_place ? at::hardswish_(self) : at::hardswish(x);
     case Kind::MaxPool:
       return nd == 1 ? at::max_pool1d(x, kernel, stride, padding, dilation, ceil_mode)
                      : at::max_pool2d(x, kernel, stride, padding, dilation, ceil_mode);
@@ -300,7 +316,7 @@ at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
     }
     case Kind::Residual: {  // (x if shortcut is None else shortcut(x)) + module(x), in that order
       at::Tensor skip = has_shortcut ? children[1].forward(x, run) : x;
-      return skip + children[0].forward(x, run);
+      return residual_sum(skip, children[0].forward(x, run), run);
     }
     case Kind::Callback:
       ++run.python_calls;
