@@ -553,6 +553,24 @@ def test_fast_stacks_small_levels_float64(residual, split):
 
 
 @needs_ext
+def test_fast_reuses_its_buffers_across_estimates_float64():
+    # the stacked queries keep their buffers across estimates: estimates after a weight update
+    # and on another batch size still equal the Python path's
+    model = mlp(13, 16, "gelu", residual=True)
+    est = hzo_ext.HZO(model, CE(), executor="cpp", fast=True, chunk_size=6)
+    for n in (4, 4, 7):
+        x, y = batch(n, seed=n)
+        model.zero_grad(set_to_none=True)
+        est.backward(x, y)
+        g = hzo_ext.grads_of(model)
+        g_py, _, _ = _run(model, CE(), x, y, "python", chunk_size=6)
+        assert _max_rel(g, g_py) <= 1e-10 and est._cpp.last_outcome["stacked"] >= 4
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.05)
+
+
+@needs_ext
 @pytest.mark.parametrize("chunk_size", [None, 16])
 def test_fast_folds_large_first_linears_float64(chunk_size):
     model = mlp(6, 64, "gelu", residual=True, din=16, dout=10)

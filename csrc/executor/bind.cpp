@@ -161,6 +161,7 @@ void bind(py::module_& m) {
             d["splits"] = o.splits;
             d["python_calls"] = o.python_calls;
             d["folded"] = o.folded;
+            d["folded_flops"] = o.folded_flops;
             d["stacked"] = o.stacked;
             d["concurrent"] = o.concurrent;
             return d;

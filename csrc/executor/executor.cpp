@@ -82,6 +82,7 @@ at::Tensor run_folded(const Node& node, const at::Tensor& a, int64_t start, cons
       const auto& W = node.tensors[0];
       const at::Tensor base = at::linear(a, W, as_optional(node.tensors[1]));  // [B, O]
       const int64_t O = W.size(0);
+      run.folded_flops += 2 * (2 * K * B) * W.size(1) * O;
       // [1, K, 1, O]: W[:, k], contiguous (a strided column would keep addcmul from vectorizing)
       const at::Tensor cols = W.t().narrow(0, start, K).contiguous().unsqueeze(0).unsqueeze(2);
       at::Tensor out = at::empty({2, K, B, O}, base.options());  // row-major, whatever the inputs' strides
@@ -144,8 +145,11 @@ struct Stacked {
 
   at::Tensor forward(const at::Tensor& x, RunCounts& run) const {
     switch (proto->kind) {
-      case Kind::Linear:
-        return bias.defined() ? at::baddbmm(bias, x, weight_t) : at::bmm(x, weight_t);
+      case Kind::Linear: {
+        if (!run.workspace) return bias.defined() ? at::baddbmm(bias, x, weight_t) : at::bmm(x, weight_t);
+        at::Tensor out = run.workspace->empty({x.size(0), x.size(1), weight_t.size(2)}, x.options());
+        return bias.defined() ? at::baddbmm_out(out, bias, x, weight_t) : at::bmm_out(out, x, weight_t);
+      }
       case Kind::Sequential: {
         at::Tensor z = x;
         for (const auto& c : children) z = c.forward(z, run);
@@ -171,6 +175,29 @@ bool all_finite(const std::vector<at::Tensor>& ts) {
 }
 
 }  // namespace
+
+at::Tensor Workspace::empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+  const int64_t n = c10::multiply_integers(shape);
+  at::Tensor* best = nullptr;
+  for (auto& b : buffers_) {
+    const bool fits = b.storage().use_count() == 1 && b.numel() >= n && b.dtype() == options.dtype() &&
+                      b.device() == options.device();
+    if (fits && (!best || b.numel() < best->numel())) best = &b;
+  }
+  if (!best) {
+    if (buffers_.size() >= kMaxBuffers) return at::empty(shape, options);
+    buffers_.push_back(at::empty({n}, options));
+    best = &buffers_.back();
+  }
+  return best->narrow(0, 0, n).view(shape);
+}
+
+bool Workspace::owns(const c10::Storage& storage) const {
+  for (const auto& b : buffers_) {
+    if (b.storage().is_alias_of(storage)) return true;
+  }
+  return false;
+}
 
 std::vector<Chunk> make_chunks(int64_t num_probes, std::optional<int64_t> chunk_size, const at::Device& device,
                                bool dense_owners, int64_t num_outputs) {
@@ -250,6 +277,7 @@ std::vector<at::Tensor> Executor::forward(const at::Tensor& x) {
     for (const auto& p : params_[l]) needs_vjp = needs_vjp || p.requires_grad();
     at::Tensor out;
     RunCounts run;
+    run.fast = options_.fast;
     // The leaf's local graph: a tape for Node::backward, else autograd (input detached).
     const bool taped = taped_[l] = needs_vjp && explicit_[l];
     if (taped) run.tape = &tapes_[l];
@@ -279,6 +307,7 @@ at::Tensor Executor::query_chunk(const SplitPlan& s, const Chunk& c, const at::T
   const Node& first = stages_[s.m];
   const int64_t K = c.ids.numel();
   run.reuse = true;  // the query's intermediates are its own
+  run.fast = options_.fast;
   if (options_.fast && s.dense && a.dim() == 2 && first.foldable() &&
       2 * K * a.numel() * first_linear_outputs(first) >= kFoldPays) {
     HZO_NVTX(r, split_range(s, "query"));
@@ -396,6 +425,8 @@ void Executor::run_stacked(const std::vector<const SplitPlan*>& group, std::vect
   const SplitPlan& s0 = *group[0];
   const int64_t B = acts_[s0.m].size(0), n = acts_[s0.m].size(1);
   run.reuse = true;  // the query's intermediates are its own
+  run.fast = true;    // stacking is fast mode only
+  run.workspace = &workspace_;
   HZO_NVTX(r, "hzo/stacked" + std::to_string(S) + "x" + std::to_string(s0.m) + "-" + std::to_string(s0.j));
   std::vector<at::Tensor> a, targets;
   std::vector<double> eps;
@@ -417,19 +448,20 @@ void Executor::run_stacked(const std::vector<const SplitPlan*>& group, std::vect
   for (size_t ci = 0; ci < s0.chunks.size(); ++ci) {
     const Chunk& c = s0.chunks[ci];
     const int64_t K = c.ids.numel();
-    at::Tensor z;  // [S, 2KB, n]
-    if (same_eps) {  // one perturb of the S activations side by side: [2, K, S*B, n] -> [S, 2KB, n]
-      z = perturb_op(at::cat(a), s0.colors, c.ids, eps[0]).view({2, K, S, B, n}).permute({2, 0, 1, 3, 4});
+    at::Tensor z = workspace_.empty({S, 2, K, B, n}, a[0].options());
+    if (same_eps) {  // one perturb of the S activations side by side: [2, K, S*B, n] -> [S, 2, K, B, n]
+      z.copy_(perturb_op(at::cat(a), s0.colors, c.ids, eps[0]).view({2, K, S, B, n}).permute({2, 0, 1, 3, 4}));
     } else {
-      std::vector<at::Tensor> copies;
-      for (int64_t k = 0; k < S; ++k) copies.push_back(perturb_op(a[k], s0.colors, c.ids, eps[k]));
-      z = at::stack(copies);
+      for (int64_t k = 0; k < S; ++k) z[k].copy_(perturb_op(a[k], s0.colors, c.ids, eps[k]));
     }
-    z = z.reshape({S, 2 * K * B, n});
+    z = z.view({S, 2 * K * B, n});
     for (const auto& st : stages) z = st.forward(z, run);
     const int64_t Q = z.size(2);
     if (same_eps) {  // one contraction of all S: [S, 2, K, B, Q] -> [2, K, S*B, Q]
-      const at::Tensor y = z.view({S, 2, K, B, Q}).permute({1, 2, 0, 3, 4}).reshape({2, K, S * B, Q});
+      at::Tensor y = workspace_.empty({2, K, S, B, Q}, z.options());
+      y.copy_(z.view({S, 2, K, B, Q}).permute({1, 2, 0, 3, 4}));
+      z.reset();  // its buffer is free for the next chunk
+      y = y.view({2, K, S * B, Q});
       const at::Tensor part = contract_chunk(c, nullptr, y, target, eps[0], s0.num_inputs).view({S, B, -1});
       for (int64_t k = 0; k < S; ++k) delta[k] = delta[k].defined() ? delta[k] + part[k] : part[k];
     } else {
@@ -484,6 +516,7 @@ void Executor::run_level(const std::vector<SplitPlan>& level, std::vector<at::Te
   for (size_t k = 0; k < level.size(); ++k) {
     out.python_calls += calls[k].python_calls;
     out.folded += calls[k].folded;
+    out.folded_flops += calls[k].folded_flops;
     out.fd_layer_evals += level[k].queries;
     out.probes += level[k].probes;
     out.splits += 1;
@@ -499,7 +532,8 @@ void Executor::leaves(const std::vector<at::Tensor>& deltas) {
   std::vector<at::Tensor> outputs, grad_outputs, inputs;
   for (size_t l = 1; l < acts_.size(); ++l) {
     if (taped_[l - 1]) {
-      stages_[l - 1].backward(deltas[l].to(acts_[l].scalar_type()), tapes_[l - 1], /*need_input=*/false, grads);
+      stages_[l - 1].backward(deltas[l].to(acts_[l].scalar_type()), tapes_[l - 1], /*need_input=*/false, grads,
+                              options_.fast);
       TORCH_CHECK(tapes_[l - 1].empty(), "hzo executor: stage ", l, "'s leaf left tape entries");
       continue;
     }

@@ -20,14 +20,33 @@
 
 namespace hzo::exec {
 
+// Buffers kept across estimates for the stacked queries of fast mode. On a CPU a fresh buffer of
+// a few hundred KiB costs page faults comparable to the op that fills it (glibc hands freed
+// blocks of that size back to the OS); these stay mapped. A buffer is free when no tensor but
+// the workspace's own holds its storage. Used from one thread at a time.
+class Workspace {
+ public:
+  // An uninitialised contiguous tensor in the smallest free buffer that fits (or a new one).
+  at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options);
+  // True when `storage` is one of the buffers (so the workspace holds one reference to it).
+  bool owns(const c10::Storage& storage) const;
+
+ private:
+  static constexpr size_t kMaxBuffers = 16;  // beyond: plain allocations
+  std::vector<at::Tensor> buffers_;          // 1-d
+};
+
 // Counts of running nodes: callback invocations, and the widest tensor any node produced
 // (elements per row of its first dimension).
 struct RunCounts {
   int64_t python_calls = 0;
   int64_t widest = 0;
   int64_t folded = 0;  // query chunks run with a folded first Linear
+  int64_t folded_flops = 0;  // the matmul FLOPs (2 per multiply-add) folding skipped
   std::vector<at::Tensor>* tape = nullptr;  // when set, nodes record what their backward needs
   bool reuse = false;  // a query run: nodes may overwrite an input nothing else holds (overwritable)
+  bool fast = false;   // fast mode: faster kernels with other round-off allowed (small GELUs)
+  Workspace* workspace = nullptr;  // when set, stacked queries take their buffers from it
 };
 
 // True when a node may compute in place into x: a query run (run.reuse, no tape), x an
@@ -96,7 +115,7 @@ struct Node {
   // (parameter, gradient) pairs, and returns the input's gradient when `need_input` (else
   // undefined: nothing upstream in the stage needs it).
   at::Tensor backward(const at::Tensor& grad, std::vector<at::Tensor>& tape, bool need_input,
-                      std::vector<std::pair<at::Tensor, at::Tensor>>& grads) const;
+                      std::vector<std::pair<at::Tensor, at::Tensor>>& grads, bool fast) const;
   // forward() without the counting of its own output.
   at::Tensor compute(const at::Tensor& x, RunCounts& run) const;
   // True when running the node calls Python.
@@ -169,6 +188,7 @@ struct Outcome {
   at::Tensor loss;      // the reduced loss (when asked for)
   int64_t loss_evals = 0, fd_layer_evals = 0, probes = 0, splits = 0, python_calls = 0;
   int64_t folded = 0, stacked = 0, concurrent = 0;  // splits run folded, stacked, on concurrent threads
+  int64_t folded_flops = 0;  // matmul FLOPs skipped by folding
 };
 
 class Executor {
@@ -210,6 +230,7 @@ class Executor {
   std::vector<std::vector<at::Tensor>> tapes_;  // per stage with an explicit leaf: its tape
   std::vector<bool> explicit_;                  // per stage: Node::backward covers it
   std::vector<bool> taped_;                     // per stage: the last forward recorded a tape
+  mutable Workspace workspace_;                 // fast mode's stacked queries (run_stacked)
   std::vector<bool> python_;     // per stage: calls Python
   std::vector<int64_t> widest_;  // per stage: widest tensor per sample in the last clean forward
   int64_t forward_calls_ = 0;
