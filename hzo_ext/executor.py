@@ -3,9 +3,9 @@
 ``HZO(..., executor="cpp")`` (or ``"auto"`` when the extension is loaded and every option is
 supported) runs a whole estimate in C++ (``csrc/executor``): clean forward, loss head, the
 splits level by level (``hzo_ext::perturb``, the right sub-network, ``hzo_ext::contract_sized``
-or, for SPP splits, ``contract_spp``), leaves. Each stage is *lowered* here into a tree of ``_C.ExecNode``: a standard module (Linear,
-Conv1d/2d/3d, eval BatchNorm, activations, pooling, Flatten, eval Dropout, Identity,
-Sequential, ``ResidualBlock``) becomes a node that calls the same ATen op with the same
+or, for SPP splits, ``contract_spp``), leaves. Each stage is *lowered* here into a tree of
+``_C.ExecNode``: a standard module (Linear, Conv1d/2d/3d, eval BatchNorm, activations,
+pooling, Flatten, eval Dropout, Identity, Sequential, ``ResidualBlock``) becomes a node that calls the same ATen op with the same
 arguments as the module's forward (and holds the module's own parameter tensors, so optimizer
 updates are seen); anything else becomes a callback into Python, called once per use. Models of
 standard modules only make no Python call during an estimate.
@@ -13,7 +13,8 @@ standard modules only make no Python call during an estimate.
 The queries are bit-for-bit those of the Python path, so the targets agree exactly; the leaves
 run as one autograd call and may differ by round-off. ``fast=True`` trades that bitwise
 agreement for less work: +-eps folded into large first Linears of right sub-networks, small
-same-shaped right sub-networks of a level stacked into one batched query (docs/executor.md).
+same-shaped right sub-networks of a level stacked into one batched query, small GELUs on ATen's
+kernel rather than oneDNN's (docs/executor.md).
 """
 from __future__ import annotations
 

@@ -334,8 +334,8 @@ at::Tensor Executor::probe_split(const SplitPlan& s, const at::Tensor& target, R
   for (const auto& c : s.chunks) {
     const at::Tensor out = query_chunk(s, c, a, eps, run);
     HZO_NVTX(r, split_range(s, "contract"));
-    const at::Tensor part = contract_chunk(c, s.spp ? &*s.spp : nullptr, out.reshape(copies_shape(out, c.ids.numel(), B)), target, eps,
-                                           s.num_inputs);
+    const at::Tensor y = out.reshape(copies_shape(out, c.ids.numel(), B));
+    const at::Tensor part = contract_chunk(c, s.spp ? &*s.spp : nullptr, y, target, eps, s.num_inputs);
     delta = delta.defined() ? delta + part : part;
   }
   return delta.reshape(a.sizes());
@@ -466,7 +466,8 @@ void Executor::run_stacked(const std::vector<const SplitPlan*>& group, std::vect
       for (int64_t k = 0; k < S; ++k) delta[k] = delta[k].defined() ? delta[k] + part[k] : part[k];
     } else {
       for (int64_t k = 0; k < S; ++k) {
-        const at::Tensor part = contract_chunk(c, nullptr, z[k].view({2, K, B, Q}), targets[k], eps[k], s0.num_inputs);
+        const at::Tensor part =
+            contract_chunk(c, nullptr, z[k].view({2, K, B, Q}), targets[k], eps[k], s0.num_inputs);
         delta[k] = delta[k].defined() ? delta[k] + part : part;
       }
     }
