@@ -8,7 +8,6 @@ as a 1-D footprint of radius 2 gives). Bandwidth counts the bytes the op must re
 (out); the copy is `y_copy.copy_(y)` into a preallocated tensor (reads and writes y). Medians of torch.utils.benchmark.Timer.
 """
 import argparse
-import csv
 import os
 import platform
 
@@ -17,6 +16,7 @@ import torch.utils.benchmark as tbench
 
 import hzo_ext
 from hzo_ext import _torch_impl, ops
+from hzo_ext.results import write_csv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,12 +93,9 @@ def main():
     rows = run(shapes, args.min_run_time, args.threads)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "contract_cpu.csv")
-    with open(csv_path, "w", newline="") as f:
-        f.write(f"# python benchmarks/bench_contract.py; {platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores, torch {torch.__version__}\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(csv_path, rows, comment=f"python benchmarks/bench_contract.py; "
+                                      f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                      f"torch {torch.__version__}")
     plot(rows, os.path.join(args.out, "contract_cpu.png"))
     print(f"wrote {csv_path} and contract_cpu.png")
 

@@ -38,7 +38,6 @@ estimate's FLOP rate / torch.mm's at (32, 128, 32).
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import platform
 import statistics
@@ -52,6 +51,7 @@ from torch import nn
 
 import hzo_ext
 from hzo_ext.models import deep_mlp
+from hzo_ext.results import write_csv
 
 SHAPES = [(64, 16, 8), (32, 128, 32)]  # (depth, width, batch)
 NUM_CLASSES = 10
@@ -306,13 +306,7 @@ def main(argv=None) -> None:
                      threads=torch.get_num_threads()))
     print(f"torch.mm [{q_rows}, {width}] x [{width}, {width}]: {s_mm * 1e3:.3f} ms, {mm_rate / 1e9:.2f} GFLOP/s")
 
-    out = Path(args.out or f"benchmarks/results/executor_{device}.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    out = write_csv(args.out or f"benchmarks/results/executor_{device}.csv", rows, float_format=".6g")
     plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 

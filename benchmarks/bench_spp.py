@@ -15,7 +15,6 @@ peak of query tensors, and the growth of the process's peak RSS during the estim
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import resource
@@ -28,6 +27,7 @@ from torch import nn
 
 import hzo_ext
 from hzo_ext.models import digits_cnn, resnet20_cifar
+from hzo_ext.results import write_csv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -103,13 +103,10 @@ def resnet20_estimate(batch: int, split: str) -> dict:
     return row
 
 
-def write_csv(path: str, rows: list[dict], command: str) -> None:
-    with open(path, "w", newline="") as f:
-        f.write(f"# {command} | {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                f"torch {torch.__version__}, extension {hzo_ext.has_extension()}\n")
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def write_results(path: str, rows: list[dict], command: str) -> None:
+    write_csv(path, rows, comment=f"{command} | {platform.processor() or platform.machine()}, "
+                                  f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+                                  f"extension {hzo_ext.has_extension()}")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -152,13 +149,14 @@ def main() -> None:
         f"--chunk-size {args.chunk_size}".split())
     if not args.skip_sizes:
         rows = spp_vs_dense(args.sizes, args.batch, args.repeats, args.dense_max_queries, args.chunk_size)
-        write_csv(os.path.join(RESULTS, "spp_cpu.csv"), rows, command)
+        write_results(os.path.join(RESULTS, "spp_cpu.csv"), rows, command)
         plot(rows, os.path.join(RESULTS, "spp_cpu.png"))
     if not args.skip_resnet:
         for split in args.resnet_splits:
-            write_csv(os.path.join(RESULTS, f"resnet20_spp_{split}.csv"), [resnet20_estimate(args.resnet_batch, split)],
-                      f"python benchmarks/bench_spp.py --skip-sizes --resnet-batch {args.resnet_batch} "
-                      f"--resnet-splits {split}")
+            write_results(os.path.join(RESULTS, f"resnet20_spp_{split}.csv"),
+                          [resnet20_estimate(args.resnet_batch, split)],
+                          f"python benchmarks/bench_spp.py --skip-sizes --resnet-batch {args.resnet_batch} "
+                          f"--resnet-splits {split}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ split densely); CI runs this script.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ def main() -> int:
     ap.add_argument("--max-gap", type=float, default=3.0, help="percentage points")
     ap.add_argument("--out", default="runs/digits_cnn")
     args = ap.parse_args()
+    from hzo_ext.results import write_csv
     from hzo_ext.train import TrainConfig, train
 
     rows = []
@@ -37,12 +37,8 @@ def main() -> int:
         rows.append(dict(estimator=estimator, model="cnn", epochs=args.epochs, lr=args.lr,
                          test_acc=final["test_acc"], seconds=time.perf_counter() - t0))
         print(f"{estimator}: test_acc={final['test_acc']:.4f}", flush=True)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "digits_cnn_training.csv"), "w", newline="") as f:
-        f.write(f"# python benchmarks/train_digits_cnn.py --epochs {args.epochs} --lr {args.lr}\n")
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(HERE, "results", "digits_cnn_training.csv"), rows,
+              comment=f"python benchmarks/train_digits_cnn.py --epochs {args.epochs} --lr {args.lr}")
     gap = 100 * (rows[1]["test_acc"] - rows[0]["test_acc"])
     print(f"HZO+SPP {rows[0]['test_acc']:.4f}, backprop {rows[1]['test_acc']:.4f}: backprop - HZO = {gap:.2f} points "
           f"(allowed {args.max_gap})")

@@ -14,7 +14,6 @@ table and the CGE/HZO time ratios at the largest depth.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 import hzo_ext
+from hzo_ext.results import write_csv
 
 METHODS = {
     "hzo-bisect": lambda m, lf: hzo_ext.HZO(m, lf, split="bisect"),
@@ -102,12 +102,7 @@ def run(args) -> None:
             print(f"depth {depth:3d}  {name:10s}  {seconds * 1e3:10.2f} ms  fd_layer_evals {s.fd_layer_evals:8d}",
                   flush=True)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    out = write_csv(args.out, rows)
     plot(rows, out.with_suffix(".png"))
 
     deepest = max(args.depths)

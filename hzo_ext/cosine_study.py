@@ -8,7 +8,6 @@ float16, float32 and float64.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 
 import torch
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from .estimator import HZO
 from .metrics import grads_of, per_layer_cosine, reference_grads
 from .models import deep_mlp
+from .results import write_csv
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -63,11 +63,7 @@ def run(args) -> list[dict]:
         cos = min_layer_cosine(depth, width, act, residual, DTYPES[dtype], args.split, args.eps)
         rows.append(dict(act=act, arch="residual" if residual else "plain", dtype=dtype, depth=depth, width=width,
                          split=args.split, eps=args.eps, min_layer_cosine=cos))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows)
     png = os.path.splitext(out)[0] + ".png"
     plot(rows, png)
     print(f"wrote {out} and {png}")

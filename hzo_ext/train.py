@@ -29,6 +29,7 @@ from .data import load_cifar10, load_digits
 from .estimator import HZO
 from .metrics import grads_of, per_layer_cosine
 from .models import digits_cnn, residual_mlp, resnet20_cifar
+from .results import write_csv
 
 ESTIMATORS = ("hzo", "cge", "spsa", "bp")
 MODELS = ("resmlp", "cnn", "resnet20")  # residual MLP; models.digits_cnn; models.resnet20_cifar
@@ -259,10 +260,7 @@ def _train(cfg: TrainConfig, group, rank: int, world: int, device: str) -> dict:
 
 
 def write_outputs(cfg: TrainConfig, model, history, cosines) -> None:
-    with open(os.path.join(cfg.out, "metrics.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    write_csv(os.path.join(cfg.out, "metrics.csv"), history)
     if cosines:
         with open(os.path.join(cfg.out, "cosine.csv"), "w", newline="") as f:
             writer = csv.writer(f)

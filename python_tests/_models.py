@@ -8,6 +8,34 @@ import hzo_ext
 from hzo_ext.models import ACTIVATIONS, deep_mlp as mlp  # noqa: F401  (shared with `hzo-ext cosine`)
 
 
+def _per_sample_mse(z, y):
+    return ((z - y) ** 2).sum(1)
+
+
+# Losses the estimators must reduce as torch does: (factory, kind of target: class ids,
+# class probabilities, dense). SmoothL1 and the plain callable run through the Python
+# per-sample loss in the C++ executor.
+LOSSES = [
+    (lambda: nn.CrossEntropyLoss(), "class"),
+    (lambda: nn.CrossEntropyLoss(reduction="sum"), "class"),
+    (lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)), "class"),
+    (lambda: nn.CrossEntropyLoss(ignore_index=2, label_smoothing=0.1), "class"),
+    (lambda: nn.CrossEntropyLoss(), "probs"),
+    (lambda: nn.MSELoss(), "dense"),
+    (lambda: nn.MSELoss(reduction="sum"), "dense"),
+    (lambda: nn.SmoothL1Loss(), "dense"),
+    (lambda: _per_sample_mse, "dense"),
+]
+
+
+def loss_targets(kind: str, y: torch.Tensor, outputs: int = 5) -> torch.Tensor:
+    """Targets of a LOSSES kind for a batch whose class ids are y."""
+    if kind == "class":
+        return y
+    dense = torch.randn(len(y), outputs, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return dense.softmax(1) if kind == "probs" else dense
+
+
 def batch(n: int = 4, din: int = 6, dout: int = 5, dtype=torch.float64, seed: int = 1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, din, generator=g, dtype=dtype)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import hzo_ext
-from _models import Blowup, MixSamples, TupleOut, batch, min_cosine, mlp
+from _models import LOSSES, Blowup, MixSamples, TupleOut, batch, loss_targets, min_cosine, mlp
 
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
 CE = nn.CrossEntropyLoss
@@ -81,28 +81,11 @@ def test_relative_eps(split):
 
 # ---- losses: any reduction, class weights, callables ------------------------------------------
 
-def _per_sample_mse(z, y):
-    return ((z - y) ** 2).sum(1)
-
-
-LOSSES = [
-    (lambda: CE(), "class"),
-    (lambda: CE(reduction="sum"), "class"),
-    (lambda: CE(weight=torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)), "class"),
-    (lambda: CE(ignore_index=2, label_smoothing=0.1), "class"),
-    (lambda: nn.MSELoss(), "dense"),
-    (lambda: nn.MSELoss(reduction="sum"), "dense"),
-    (lambda: nn.SmoothL1Loss(), "dense"),
-    (lambda: _per_sample_mse, "dense"),
-]
-
-
 @pytest.mark.parametrize("make_loss,kind", LOSSES)
 def test_loss_reductions_match_autograd(make_loss, kind):
     model = mlp(4, 8, "tanh", residual=True)
     x, y = batch(6)
-    if kind == "dense":
-        y = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = loss_targets(kind, y)
     loss_fn = make_loss()
     ref = hzo_ext.reference_grads(model, loss_fn, x, y)
     loss = hzo_ext.HZO(model, loss_fn).backward(x, y)

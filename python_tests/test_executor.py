@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import hzo_ext
-from _models import Blowup, MixSamples, TupleOut, batch, mlp
+from _models import LOSSES, Blowup, MixSamples, TupleOut, batch, loss_targets, mlp
 from hzo_ext.models import digits_cnn, residual_mlp, resnet20_cifar
 from test_spp import DeclaredConv, Shuffle, _data, _seeded, conv_chain, strided_cnn
 
@@ -105,31 +105,12 @@ def test_callable_split_and_float64_relative_eps():
     _same_as_python(model, CE(), *batch(), split=lambda i, j: i + max(1, (j - i) // 3), eps_mode="relative")
 
 
-def _per_sample_mse(z, y):
-    return ((z - y) ** 2).sum(1)
-
-
-LOSSES = [
-    (lambda: CE(), "class"),
-    (lambda: CE(reduction="sum"), "class"),
-    (lambda: CE(weight=torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=torch.float64)), "class"),
-    (lambda: CE(ignore_index=2, label_smoothing=0.1), "class"),
-    (lambda: CE(), "probs"),
-    (lambda: nn.MSELoss(), "dense"),
-    (lambda: nn.MSELoss(reduction="sum"), "dense"),
-    (lambda: nn.SmoothL1Loss(), "dense"),  # the Python per-sample loss through a callback
-    (lambda: _per_sample_mse, "dense"),
-]
-
-
 @needs_ext
 @pytest.mark.parametrize("make_loss,kind", LOSSES)
 def test_losses(make_loss, kind):
     model = mlp(4, 8, "tanh", residual=True)
     x, y = batch(6)
-    if kind != "class":
-        y = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-        y = y.softmax(1) if kind == "probs" else y
+    y = loss_targets(kind, y)
     loss_fn = make_loss()
     _same_as_python(model, loss_fn, x, y)
     _same_as_python(model, loss_fn, x, y, chunk_size=2)
