@@ -8,11 +8,13 @@ from ._ext import has_extension
 from .baselines import CGE, SPSA, Backprop
 from .estimator import HZO, EstimateStats, Plan, Split, build_plan
 from .info import info
-from .metrics import per_layer_cosine, reference_grads, grads_of
+from .graph import opaque
+from .metrics import (grads_of, named_grads, per_layer_cosine, per_parameter_cosine, reference_grads,
+                      reference_named_grads)
 from .planner import plan, planner_backend
 from .stages import BlackBox, ResidualBlock
 
 __all__ = ["ops", "has_extension", "info", "HZO", "CGE", "SPSA", "Backprop", "BlackBox", "ResidualBlock",
-           "EstimateStats", "Plan", "Split", "build_plan", "plan", "planner_backend", "per_layer_cosine",
-           "reference_grads", "grads_of"]
+           "opaque", "EstimateStats", "Plan", "Split", "build_plan", "plan", "planner_backend", "per_layer_cosine",
+           "reference_grads", "grads_of", "named_grads", "reference_named_grads", "per_parameter_cosine"]
 __version__ = "0.1.0"

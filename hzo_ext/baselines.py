@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
 from . import distributed
-from .estimator import EstimateStats, StageEstimator, probe_targets
+from .estimator import EstimateStats, StageEstimator, outside_inference_mode, probe_targets
 from .stages import LossHead, as_stages, check_batch, check_eps, check_stages_static, run_stage
 
 __all__ = ["CGE", "SPSA", "Backprop"]
@@ -28,12 +29,14 @@ class CGE(StageEstimator):
     """Coordinate-wise gradient estimation on activations (DeepZero-style): for every stage
     l < L, probe each coordinate of a_l through f_L o ... o f_{l+1} and the loss. Options as HZO."""
 
+    @outside_inference_mode
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         self._prepare(x, y)
         acts, local = self._clean_forward(x)
-        loss = self.loss.check_reproduces(acts[-1], y)
         L, B = len(self.stages), x.shape[0]
+        self._check_steps(acts, range(1, L + 1))
+        loss = self.loss.check_reproduces(acts[-1], y)
         qstages = self._query_stages()
         with torch.no_grad():
             deltas = {L: self._loss_head(acts[L], y)}
@@ -110,15 +113,19 @@ class Backprop:
     """Ordinary autograd through the whole chain, with the estimators' interface."""
 
     def __init__(self, model, loss_fn, process_group=None):
+        self.model = model
         self.stages = as_stages(model)
         self.loss = LossHead(loss_fn)
         self.last_stats = EstimateStats()
         distributed.attach(self, process_group)  # data-parallel, like DDP
 
+    @outside_inference_mode
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         check_batch(x, y, self.stages)
-        loss = self.loss.total(_forward(self.stages, x), y)
+        own = isinstance(self.model, nn.Module) and not isinstance(self.model, nn.ModuleList)
+        out = self.model(x) if own else _forward(self.stages, x)  # the model's own forward
+        loss = self.loss.total(out, y)
         loss.backward()
         self.last_stats = EstimateStats(forward_calls=len(self.stages), seconds=time.perf_counter() - t0)
         return loss.detach()

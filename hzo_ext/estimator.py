@@ -12,6 +12,7 @@ Every +-eps perturbation and every Jacobian-target contraction goes through
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import time
@@ -21,12 +22,26 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _ext, distributed, executor as cpp_executor, ops, spp as spp_geometry
+from . import _ext, distributed, executor as cpp_executor, graph, numerics, ops, spp as spp_geometry
 from .nvtx import nvtx_range
 from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
                      check_stages_static, run_stage, stage_name)
 
-__all__ = ["HZO", "Plan", "Split", "EstimateStats", "build_plan", "choose_split", "probe_targets"]
+__all__ = ["HZO", "Plan", "Split", "EstimateStats", "build_plan", "choose_split", "probe_targets",
+           "outside_inference_mode"]
+
+
+def outside_inference_mode(backward):
+    """Run ``backward(x, y)`` with autograd available even when called under
+    torch.inference_mode() (the leaves are local VJPs): inputs are copied out of it."""
+    @functools.wraps(backward)
+    def run(self, x, y):
+        if not torch.is_inference_mode_enabled():
+            return backward(self, x, y)
+        with torch.inference_mode(False):
+            copy_out = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+            return backward(self, copy_out(x), copy_out(y))
+    return run
 
 
 @dataclass
@@ -264,6 +279,7 @@ class StageEstimator:
                  process_group=None, query_parallel: bool = False):
         self.model = model
         self.stages = as_stages(model)
+        self._signature = graph.signature(model)
         self.loss = LossHead(loss_fn)
         self.eps = check_eps(eps)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -273,9 +289,9 @@ class StageEstimator:
         if eps_mode not in ("absolute", "relative"):
             raise ValueError(f"eps_mode must be 'absolute' or 'relative', got {eps_mode!r}")
         self.eps_mode = eps_mode
-        if query_dtype is not None and (not isinstance(query_dtype, torch.dtype) or not query_dtype.is_floating_point):
-            raise TypeError(f"query_dtype must be a floating torch.dtype or None, got {query_dtype!r}")
+        numerics.check_query_dtype(query_dtype)
         self.query_dtype = query_dtype
+        self._probe_dtype = query_dtype  # per call: float32 for low-precision models (numerics.probe_dtype)
         self.check_samples = check_samples
         self._dynamic_checked: set = set()
         self._no_vmap: set = set()  # black-box stages that cannot run under torch.vmap
@@ -283,6 +299,20 @@ class StageEstimator:
         distributed.attach(self, process_group, query_parallel, can_query_parallel=True)
 
     # -- pieces
+
+    def _refresh_stages(self) -> None:
+        """Rebuild the stages when the module tree or a parameter's shape changed since they were
+        made (a stage appended after construction is used, never ignored)."""
+        sig = graph.signature(self.model)
+        if sig != self._signature:
+            self.stages = as_stages(self.model)
+            self._signature = sig
+            self._restaged()
+
+    def _restaged(self) -> None:
+        """Forget what was derived from the old stages."""
+        self._dynamic_checked.clear()
+        self._no_vmap.clear()
 
     def _step(self, a: torch.Tensor) -> float:
         """eps for perturbing a: absolute, or eps * rms(a) with eps_mode='relative'."""
@@ -292,9 +322,18 @@ class StageEstimator:
         return self.eps * rms if rms > 0 and math.isfinite(rms) else self.eps
 
     def _prepare(self, x, y):
+        self._refresh_stages()
         check_batch(x, y, self.stages)
         check_stages_static(self.stages)
+        self._probe_dtype = numerics.probe_dtype(x.dtype, self.query_dtype)
         self.last_stats = EstimateStats()
+
+    def _check_steps(self, acts, cuts) -> None:
+        """eps against the probe dtype's resolution at the scale of every perturbed a_m (m in cuts)."""
+        L = len(acts) - 1
+        for m in sorted(set(cuts)):
+            what = f"the logits a_{L} (loss head)" if m == L else f"a_{m} (output of {stage_name(self.stages, m)})"
+            numerics.check_step(self._step(acts[m]), self._qcast(acts[m]), what)
 
     def _clean_forward(self, x: torch.Tensor):
         """a_0..a_L (detached), and each differentiable stage's output with its local graph
@@ -302,8 +341,8 @@ class StageEstimator:
         acts, local = [x.detach()], [None]
         for l, stage in enumerate(self.stages, start=1):
             needs_vjp = not isinstance(stage, BlackBox) and any(p.requires_grad for p in stage.parameters())
-            with torch.set_grad_enabled(needs_vjp):
-                out = run_stage(self.stages, l, acts[-1])
+            with torch.set_grad_enabled(needs_vjp):  # a copy in: an in-place op must not overwrite a_{l-1}
+                out = run_stage(self.stages, l, acts[-1].clone())
             _check_finite(out, f"{stage_name(self.stages, l)} in the clean forward")
             acts.append(out.detach())
             local.append(out if needs_vjp and out.requires_grad else None)
@@ -315,13 +354,13 @@ class StageEstimator:
         return acts, local
 
     def _query_stages(self):
-        """The stages queries run through: the model's, or copies in query_dtype."""
-        if self.query_dtype is None:
+        """The stages queries run through: the model's, or copies in the probe dtype."""
+        if self._probe_dtype is None:
             return self.stages
-        return [copy.deepcopy(s).to(self.query_dtype) for s in self.stages]
+        return [copy.deepcopy(s).to(self._probe_dtype) for s in self.stages]
 
     def _qcast(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.query_dtype is None else t.to(self.query_dtype)
+        return t if self._probe_dtype is None else t.to(self._probe_dtype)
 
     def _run_range(self, qstages, z: torch.Tensor, m: int, j: int) -> torch.Tensor:
         """f_j o ... o f_{m+1} on a batch of (perturbed) copies."""
@@ -410,6 +449,8 @@ class StageEstimator:
         flat = torch.cat([p.detach().reshape(-1) for _, p in named]).unsqueeze(0)  # [1, P]
         P = flat.shape[1]
         eps = stage.eps if stage.eps is not None else self._step(flat)
+        numerics.check_step(eps, flat, f"the parameters of {stage_name(self.stages, l)}",
+                            "BlackBox eps" if stage.eps is not None else "eps")
         colors = ops.dense_colors(P, device=flat.device)
         chunk = P if self.chunk_size is None else self.chunk_size
         total = torch.zeros(P, dtype=flat.dtype, device=flat.device)
@@ -443,7 +484,10 @@ class HZO(StageEstimator):
             split colored, or a ValueError saying why not. False: dense.
         eps_mode: 'absolute' or 'relative' (eps * rms of the perturbed activation, per split).
         query_dtype: run the probed sub-networks on copies of the stages in this dtype (e.g.
-            torch.float64 for a float32 model).
+            torch.float64 for a float32 model); float32 at least. Default: the model's dtype,
+            float32 for float16/bfloat16 models. eps is checked against this dtype's resolution
+            at the scale of every perturbed activation (``hzo_ext.numerics``): an error below
+            it, a warning where round-off or truncation dominates.
         check_samples: run the one-time dynamic check (determinism, no in-batch mixing).
         process_group: a ``torch.distributed`` group: data-parallel, each rank estimates on its
             shard of the batch and the gradients are combined (the whole batch's gradient on
@@ -474,7 +518,15 @@ class HZO(StageEstimator):
         self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
         self._barriers: dict = {}  # activation shapes -> the barrier stages (_split_policy)
         self._spp_warned: set = set()
+        self._executor_args = (executor, fast)
         self._cpp = cpp_executor.select(self, executor, fast)  # None: the Python path
+        self.executor = "python" if self._cpp is None else "cpp"
+
+    def _restaged(self) -> None:
+        super()._restaged()
+        self._colorings.clear()
+        self._barriers.clear()
+        self._cpp = cpp_executor.select(self, *self._executor_args)  # lowered anew, or refused
         self.executor = "python" if self._cpp is None else "cpp"
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
@@ -531,22 +583,27 @@ class HZO(StageEstimator):
     @torch.no_grad()
     def plan(self, x: torch.Tensor) -> Plan:
         """The tree of splits for input x, before running anything but a clean forward for shapes."""
+        self._refresh_stages()
         check_batch(x, None, self.stages)
-        a, shapes = x, [tuple(x.shape[1:])]
+        a, shapes = x.clone(), [tuple(x.shape[1:])]  # a copy: in-place ops must not write x
         for l in range(1, len(self.stages) + 1):
             a = run_stage(self.stages, l, a)
             shapes.append(tuple(a.shape[1:]))
-        return self._build_plan(shapes, x.shape[0], (self.query_dtype or x.dtype).itemsize)
+        probe_dtype = numerics.probe_dtype(x.dtype, self.query_dtype) or x.dtype
+        return self._build_plan(shapes, x.shape[0], probe_dtype.itemsize)
 
+    @outside_inference_mode
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._cpp is not None:
-            return self._cpp.backward(x, y)
+        self._refresh_stages()
+        if self._cpp is not None and not (isinstance(x, torch.Tensor) and x.dtype in numerics.LOW_PRECISION):
+            return self._cpp.backward(x, y)  # low-precision models: the Python path probes them in float32
         t0 = time.perf_counter()
         with nvtx_range("hzo/estimate"):
             self._prepare(x, y)
             acts, local = self._clean_forward(x)
             plan = self._build_plan([tuple(a.shape[1:]) for a in acts], x.shape[0],
-                                    (self.query_dtype or x.dtype).itemsize)
+                                    (self._probe_dtype or x.dtype).itemsize)
+            self._check_steps(acts, [s.m for s in plan.splits] + [len(self.stages)])
             loss = self.loss.check_reproduces(acts[-1], y)
             deltas = self._run_plan(plan, acts, y)
             with nvtx_range("hzo/leaves"):

@@ -162,8 +162,9 @@ def _native(mod: nn.Module, callback, watch: list, python: list):
         floats = {"leaky_relu": lambda: [mod.negative_slope], "elu": lambda: [mod.alpha],
                   "softplus": lambda: [mod.beta, mod.threshold],
                   "hardtanh": lambda: [mod.min_val, mod.max_val]}.get(kind, list)()
-        inplace = int(bool(getattr(mod, "inplace", False)))  # in-place like the module: same aliasing
-        return Node(kind, [], [inplace], [float(f) for f in floats], "", [], None)
+        # Never in place as the module asks: its input may be a clean activation later probes read
+        # (the values are the same; query intermediates nothing else holds are still overwritten).
+        return Node(kind, [], [0], [float(f) for f in floats], "", [], None)
     if type(mod) in (nn.MaxPool1d, nn.MaxPool2d) and not mod.return_indices:
         nd = 1 if type(mod) is nn.MaxPool1d else 2
         ints = [nd, int(mod.ceil_mode)] + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) \
@@ -338,6 +339,7 @@ class CppExecutor:
             check_stages_dynamic(est.stages, acts, only=python_stages)
             est._dynamic_checked.add(key)
         plan, py_plan = self._plan(core, x, acts)
+        est._check_steps(acts, [s.m for s in py_plan.splits] + [len(acts) - 1])
         native = self._native_loss(acts[-1], y)
         loss = None if native and est.loss._checked else est.loss.check_reproduces(acts[-1], y)
         callback = None if native else est._per_sample_loss(y, x.shape[0])

@@ -8,7 +8,8 @@ import torch
 
 from .stages import as_stages
 
-__all__ = ["per_layer_cosine", "scale_free_cosine", "grads_of", "reference_grads"]
+__all__ = ["per_layer_cosine", "scale_free_cosine", "grads_of", "reference_grads", "named_grads",
+           "reference_named_grads", "per_parameter_cosine"]
 
 
 def scale_free_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,3 +63,33 @@ def reference_grads(model, loss_fn, x: torch.Tensor, y: torch.Tensor, dtype=torc
         a = s(a)
     LossHead(copy.deepcopy(loss_fn).to(dtype) if isinstance(loss_fn, torch.nn.Module) else loss_fn).total(a, y).backward()
     return grads_of(ref)
+
+
+# ---- any model: by parameter name --------------------------------------------------------------
+
+def named_grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """{name in model.named_parameters(): clone of p.grad} (a shared parameter once)."""
+    return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
+
+
+def reference_named_grads(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                          dtype=torch.float64) -> dict:
+    """Autograd gradients of a copy of the model in ``dtype``, run as its own forward, by name."""
+    from .stages import LossHead
+    ref = copy.deepcopy(model).to(dtype)
+    ref.zero_grad(set_to_none=True)
+    loss = copy.deepcopy(loss_fn).to(dtype) if isinstance(loss_fn, torch.nn.Module) else loss_fn
+    LossHead(loss).total(ref(x.to(dtype)), y).backward()
+    return named_grads(ref)
+
+
+def per_parameter_cosine(grads_a: Mapping, grads_b: Mapping) -> dict[str, float]:
+    """Scale-free cosine per parameter tensor of two ``named_grads`` dicts (None reads as zeros)."""
+    out = {}
+    for k, a in grads_a.items():
+        b = grads_b.get(k)
+        if a is None and b is None:
+            continue
+        zeros = torch.zeros((a if a is not None else b).shape)
+        out[k] = scale_free_cosine(zeros if a is None else a, zeros if b is None else b)
+    return out

@@ -20,17 +20,19 @@ footprint, probe densely); ``Footprint.window`` covers conv-like layers.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
 from . import _torch_impl, ops
 from .stages import BlackBox, ResidualBlock
 
-__all__ = ["Footprint", "NoFootprint", "footprint_of", "SpatialColoring", "DenseColoring", "coloring_for",
-           "chain_footprint", "is_barrier"]
+__all__ = ["Footprint", "NoFootprint", "footprint_of", "graph_footprint", "SpatialColoring", "DenseColoring",
+           "coloring_for", "chain_footprint", "is_barrier"]
 
 Interval = tuple[int, int] | None  # [lo, hi] of output positions on one axis; None: none affected
 
@@ -171,6 +173,14 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
         if fp is None:
             raise NoFootprint(f"{where} ({type(mod).__name__})", f"spp_footprint declares no footprint")
         return fp
+    from .graph import GraphStage
+    if isinstance(mod, GraphStage):
+        if mod.in_shape is None or tuple(mod.in_shape[1:]) != tuple(in_sizes):
+            raise NoFootprint(f"{where} (GraphStage)", "not run on inputs of these sizes yet")
+        return graph_footprint(mod.piece, mod.in_shape, where)
+    if not getattr(type(mod).forward, "__module__", "").startswith(("torch.", "hzo_ext.")):
+        raise NoFootprint(f"{where} ({type(mod).__name__})", "its class overrides forward (declare spp_footprint "
+                                                             "to color through it)")
     if isinstance(mod, nn.Sequential):
         fp = Footprint.identity(in_sizes)
         for name, child in mod.named_children():
@@ -209,6 +219,112 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
     if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1 and all(n == 1 for n in in_sizes):
         return Footprint.identity(in_sizes)  # [C, 1, .., 1] -> [C]: the same elements; sizes kept as 1s
     raise NoFootprint(f"{where} ({type(mod).__name__})", f"no known footprint (global, mixing or unknown module)")
+
+
+# ---- traced pieces: the footprints of functions -------------------------------------------------
+
+# Functions and tensor methods that act elementwise on their one state argument (other arguments
+# constants), and arithmetic whose state arguments' footprints add up (the branches of a sum).
+_ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu, F.silu,
+                          F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.softplus,
+                          operator.neg, torch.neg, torch.abs, torch.exp, F.dropout}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "neg", "abs", "exp", "contiguous", "clone", "clamp",
+                        "clamp_min", "sigmoid_", "tanh_"}
+_ARITHMETIC = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+               operator.truediv, torch.add, torch.sub, torch.mul}
+_ARITHMETIC_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.max_pool1d: 1, F.max_pool2d: 2,
+                   F.max_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+                   F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
+
+
+def graph_footprint(gm: fx.GraphModule, in_shape: Sequence[int], where: str = "piece") -> Footprint:
+    """The footprint of a traced piece (``graph.GraphStage``) on per-sample inputs ``in_shape``
+    [C, *S], node by node: modules through ``footprint_of``, the functions above, spatial slicing
+    (``x[:, :, ::2, ::2]``), ``F.pad`` and flattening of [C, 1, .., 1]. Raises NoFootprint naming
+    the first node it cannot follow."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    if len(in_shape) < 2:
+        raise NoFootprint(where, f"its input {tuple(in_shape)} has no spatial axes")
+    dtype = next((t.dtype for t in list(gm.parameters()) + list(gm.buffers()) if t.is_floating_point()),
+                 torch.float32)
+    ShapeProp(gm).propagate(torch.zeros((1, *in_shape), dtype=dtype))
+    fps: dict = {}
+
+    def shape(n):
+        return tuple(n.meta["tensor_meta"].shape[1:])
+
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            fps[n] = Footprint.identity(in_shape[1:])
+            continue
+        if n.op == "output":
+            return fps[n.args[0]]
+        ins = [a for a in n.all_input_nodes if a in fps]
+        if not ins or "tensor_meta" not in n.meta:
+            continue  # parameters and constants; sizes and other non-tensors
+        here = f"{where}: {n.op} {getattr(n.target, '__name__', n.target)}"
+        fp = fps[ins[0]]
+        if n.op == "call_module" and len(ins) == 1 and n.args and n.args[0] is ins[0]:
+            fps[n] = fp.then(footprint_of(gm.get_submodule(n.target), fp.out_sizes, f"{where}.{n.target}"))
+        elif (n.target in _ELEMENTWISE_FUNCTIONS or n.op == "call_method" and n.target in _ELEMENTWISE_METHODS) \
+                and len(ins) == 1 and shape(n) == shape(ins[0]):
+            fps[n] = fp
+        elif n.target in _ARITHMETIC or n.op == "call_method" and n.target in _ARITHMETIC_METHODS:
+            if any(shape(a) != shape(n) for a in ins):
+                raise NoFootprint(here, "broadcasts a state tensor")
+            fps[n] = fp if len(ins) == 1 else fp.union(fps[ins[1]])
+        elif n.target is operator.getitem and len(ins) == 1:
+            fps[n] = fp.then(_slice_footprint(n.args[1], fp.out_sizes, shape(n), here))
+        elif n.target in _POOL_FUNCTIONS and len(ins) == 1 and len(fp.out_sizes) == _POOL_FUNCTIONS[n.target]:
+            if all(k == 1 for k in shape(n)[1:]):  # global pooling, whatever the kernel argument
+                fps[n] = fp.then(Footprint.adaptive(fp.out_sizes, shape(n)[1:]))
+            elif "adaptive" in n.target.__name__:
+                fps[n] = fp.then(Footprint.adaptive(fp.out_sizes, shape(n)[1:]))
+            else:
+                raise NoFootprint(here, "a non-global functional pooling (use the nn module)")
+        elif n.target is F.pad and len(ins) == 1:
+            fps[n] = fp.then(_pad_footprint(n, fp.out_sizes, shape(n), here))
+        elif (n.target is torch.flatten or n.op == "call_method" and n.target in ("flatten", "view", "reshape")) \
+                and len(ins) == 1 and len(shape(n)) == 1 and all(k == 1 for k in fp.out_sizes):
+            fps[n] = fp  # [C, 1, .., 1] -> [C]
+        else:
+            raise NoFootprint(here, "no known footprint for this function")
+    raise NoFootprint(where, "the piece has no output")
+
+
+def _slice_footprint(index, in_sizes, out_shape, where: str) -> Footprint:
+    """``x[:, c, s_1, .., s_r]`` with basic slices: a stride-s window of size 1 per axis."""
+    index = index if isinstance(index, tuple) else (index,)
+    r = len(in_sizes)
+    if not all(isinstance(i, slice) for i in index) or len(index) > r + 2 or index[0] != slice(None):
+        raise NoFootprint(where, f"indexing {index!r} (only basic slices of [B, C, *spatial])")
+    spatial = list(index[2:]) + [slice(None)] * (r - len(index[2:]))
+    starts, steps = [], []
+    for sl, n in zip(spatial, in_sizes):
+        start, _, step = sl.indices(n)
+        if step < 1:
+            raise NoFootprint(where, f"slice {sl} with a negative step")
+        starts.append(start)
+        steps.append(step)
+    channels_kept = len(index) < 2 or index[1] == slice(None)
+    return Footprint.window(in_sizes, 1, steps, [-p for p in starts], out_sizes=out_shape[1:],
+                            channelwise=channels_kept)
+
+
+def _pad_footprint(n: fx.Node, in_sizes, out_shape, where: str) -> Footprint:
+    """Constant ``F.pad``: each spatial axis shifts by its left padding; padded channels make
+    the footprint non-channelwise (output channel c reads another input channel)."""
+    pad = list(n.args[1] if len(n.args) > 1 else n.kwargs["pad"])
+    mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+    if mode != "constant" or any(not isinstance(p, int) or p < 0 for p in pad):
+        raise NoFootprint(where, f"F.pad mode={mode!r} pad={pad} (only constant, non-negative)")
+    r = len(in_sizes)
+    lefts = [0] * (r + 1)  # channel axis, then spatial axes
+    for k in range(len(pad) // 2):
+        lefts[r - k] = pad[2 * k]
+    pads_channels = len(pad) > 2 * r and (pad[2 * r] or pad[2 * r + 1])
+    return Footprint.window(in_sizes, 1, 1, lefts[1:], out_sizes=out_shape[1:], channelwise=not pads_channels)
 
 
 # ---- the coloring and the owner map ---------------------------------------------------------

@@ -1,7 +1,8 @@
 """Model normalisation for the estimators: stages, their validation, and the per-sample loss.
 
-A model is a chain of *stages* ``a_l = f_l(a_{l-1})``: the children of an ``nn.Sequential``
-or the elements of a list. ``ResidualBlock`` makes a skip connection one stage;
+A model is a chain of *stages* ``a_l = f_l(a_{l-1})``: the elements of an ``nn.Sequential``
+or of a list, or the pieces of any other module's torch.fx graph between the points where one
+tensor is live (``hzo_ext.graph``). ``ResidualBlock`` makes a skip connection one stage;
 ``BlackBox`` marks a non-differentiable stage (its weights get a zeroth-order leaf).
 """
 from __future__ import annotations
@@ -57,16 +58,18 @@ def check_eps(eps, what: str = "eps") -> float:
 
 
 def as_stages(model) -> list[nn.Module]:
-    """The stages of ``model``: an ``nn.Sequential``'s children or a list/tuple of modules."""
+    """The stages of ``model``: an ``nn.Sequential``'s elements (a module used twice is two
+    stages), a list/tuple of modules, or the pieces of any other module's traced graph."""
+    from .graph import Stages, stages_of
     if isinstance(model, nn.Sequential):
-        stages = list(model.children())
+        stages = Stages(model)  # iterating keeps a module that appears twice; children() would not
     elif isinstance(model, (list, tuple, nn.ModuleList)):
-        stages = list(model)
+        stages = Stages(model)
+    elif isinstance(model, nn.Module):
+        stages = stages_of(model)
     else:
-        raise TypeError(
-            f"model must be an nn.Sequential or a list of modules (a chain of stages), got "
-            f"{type(model).__name__}; wrap a non-chain model's parts as stages, e.g. "
-            f"hzo_ext.ResidualBlock(module) for a skip connection")
+        raise TypeError(f"model must be an nn.Module (traced with torch.fx), an nn.Sequential or a list of "
+                        f"modules, got {type(model).__name__}")
     if not stages:
         raise ValueError("model has no stages")
     for l, s in enumerate(stages, start=1):
@@ -76,8 +79,11 @@ def as_stages(model) -> list[nn.Module]:
 
 
 def stage_name(stages: Sequence[nn.Module], l: int) -> str:
-    """Human-readable name of stage l (1-based, as in a_l = f_l(a_{l-1}))."""
-    return f"stage {l} ({type(stages[l - 1]).__name__})"
+    """Human-readable name of stage l (1-based, as in a_l = f_l(a_{l-1})): its type, and its name
+    in a traced model."""
+    names = getattr(stages, "names", None)
+    where = f"{names[l - 1]}: " if names and names[l - 1] else ""
+    return f"stage {l} ({where}{type(stages[l - 1]).__name__})"
 
 
 # Module types that mix the samples of a batch (or draw fresh randomness per call) in
@@ -101,10 +107,10 @@ def check_stages_static(stages: Sequence[nn.Module]) -> None:
                 raise ValueError(
                     f"{where}: {type(mod).__name__} in training mode draws a new mask per query, so the "
                     f"+eps and -eps copies see different networks; call .eval() on it or remove it")
-            if isinstance(mod, _SEQUENCE_MIXING):
+            if isinstance(mod, _SEQUENCE_MIXING) and getattr(mod, "batch_first", True) is not True:
                 raise ValueError(
-                    f"{where}: {type(mod).__name__} is not supported (its batch layout depends on "
-                    f"batch_first and the perturbed copies are stacked along dim 0)")
+                    f"{where}: {type(mod).__name__} with batch_first=False mixes the samples of a batch "
+                    f"(the perturbed copies are stacked along dim 0); build it with batch_first=True")
 
 
 def run_stage(stages: Sequence[nn.Module], l: int, a: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
@@ -125,27 +131,46 @@ def run_stage(stages: Sequence[nn.Module], l: int, a: torch.Tensor, module: nn.M
     return out
 
 
+def coupling_tolerance(dtype: torch.dtype) -> float:
+    """Relative change of clean rows that counts as coupling (above batched round-off)."""
+    return max(1e-5, 10 * torch.finfo(dtype).eps)
+
+
+def stacked_variants(a: torch.Tensor):
+    """[a; b] for a few far-away b, as the probes stack their copies after the batch: a copy
+    moved up and one moved down by a shift that differs per coordinate (a uniform shift is
+    invisible to softmax-like ops), and zeros. Any dependence of a row's output on the other
+    rows (batch statistics, a mean or median over the batch) shows in the first rows, whatever
+    the batch size, one included."""
+    n = a[0].numel()
+    ramp = torch.linspace(1.0, 2.0, n, dtype=a.dtype, device=a.device).reshape(a.shape[1:])
+    shift = 2.0 * (a.abs().max() + 1.0) * ramp
+    for b in (a + shift, a - shift, torch.zeros_like(a)):
+        yield torch.cat([a, b])
+
+
+def changed_rows(again: torch.Tensor, out: torch.Tensor) -> bool:
+    scale = out.abs().max().item() + 1e-30
+    diff = (again - out).abs().max().item()
+    return not diff <= coupling_tolerance(out.dtype) * scale  # nan counts as changed
+
+
 @torch.no_grad()
 def check_stages_dynamic(stages: Sequence[nn.Module], acts: Sequence[torch.Tensor], only=None) -> None:
-    """One-time check on real activations: each stage is deterministic and moving sample 0
-    leaves the other samples' outputs unchanged (no hidden in-batch mixing). ``only``: the
-    (1-based) stages to check, default all."""
+    """One-time check on real activations: each stage is deterministic, and its outputs for the
+    batch are unchanged when shifted copies are stacked after it (no hidden in-batch mixing;
+    batch size 1 included). ``only``: the (1-based) stages to check, default all."""
     for l in range(1, len(stages) + 1) if only is None else sorted(only):
         a, out = acts[l - 1], acts[l]
-        again = stages[l - 1](a)
+        again = stages[l - 1](a.clone())  # copies in: in-place ops must not overwrite the activations
         if not torch.equal(again, out) and not torch.allclose(again, out, rtol=1e-6, atol=0):
             raise ValueError(f"{stage_name(stages, l)} is not deterministic: two evaluations of the same "
                              f"input differ, so finite differences through it are noise "
                              f"(fix its seed or call .eval())")
-        if a.shape[0] < 2:
-            continue
-        moved = a.clone()
-        moved[0] += 0.5 * (a[0].abs().max() + 1.0)
-        others = stages[l - 1](moved)[1:]
-        scale = out[1:].abs().max().item() + 1e-30
-        if (others - out[1:]).abs().max().item() > 1e-5 * scale:
-            raise ValueError(f"{stage_name(stages, l)} mixes samples: changing sample 0 changed the outputs "
-                             f"of other samples; stages must treat samples independently")
+        if any(changed_rows(stages[l - 1](stacked)[:a.shape[0]], out) for stacked in stacked_variants(a)):
+            raise ValueError(f"{stage_name(stages, l)} mixes samples: stacking other samples after the batch "
+                             f"changed the batch's outputs (batch statistics, a mean or median over the "
+                             f"batch); stages must treat samples independently")
 
 
 # ---- the loss, evaluated per sample ------------------------------------------------------
@@ -179,6 +204,7 @@ class LossHead:
             raise TypeError(f"loss_fn must be a torch loss module or a callable returning per-sample "
                             f"losses, got {type(loss_fn).__name__}")
         self._checked = False
+        self._coupling_checked: set = set()
 
     def _scale(self, raw: torch.Tensor, y: torch.Tensor) -> float | torch.Tensor:
         B = raw.shape[0]
@@ -210,6 +236,21 @@ class LossHead:
         scale = self._scale(raw[:n], y[:n])
         return raw.reshape(raw.shape[0], -1).sum(1) * scale
 
+    @torch.no_grad()
+    def check_per_sample(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """A callable loss must give each sample's loss from that sample alone: its values for the
+        batch must not change when shifted copies are stacked after it (as the loss head stacks
+        its perturbed logits). Once per shape; torch loss modules are per-sample by construction."""
+        key = (tuple(z.shape), z.dtype, z.device)
+        if self.reduced is not None or key in self._coupling_checked:
+            return
+        raw, n, ys = self.per_sample(z, y), z.shape[0], torch.cat([y, y])
+        if any(changed_rows(self.per_sample(stacked, ys, batch=n)[:n], raw) for stacked in stacked_variants(z)):
+            raise ValueError("the loss callable mixes samples: stacking other samples after the batch changed "
+                             "the batch's per-sample losses (a mean, median or normalisation over the batch); "
+                             "it must compute each sample's loss from that sample alone")
+        self._coupling_checked.add(key)
+
     def total(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss as the user's loss_fn defines it (0-dim)."""
         if self.reduced is not None:
@@ -220,6 +261,7 @@ class LossHead:
     def check_reproduces(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Refuse clearly when sum of per-sample terms does not reproduce the reduced loss."""
         total = self.total(z, y)
+        self.check_per_sample(z, y)
         if self.reduced is not None and not self._checked:
             mine = self.per_sample(z, y).sum()
             # Round-off of the two summation orders scales with the dtype's resolution.
@@ -242,6 +284,9 @@ def check_batch(x, y, stages: Sequence[nn.Module]) -> None:
         raise ValueError(f"x must be [B, ...] with a feature dimension, got shape {tuple(x.shape)}")
     if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have the batch size of x ({x.shape[0]}) first, got shape {tuple(y.shape)}")
+    bad = x.numel() - int(torch.isfinite(x).sum())
+    if bad:
+        raise ValueError(f"x has {bad} non-finite values (inf/nan); gradients through them are nan")
     for l, stage in enumerate(stages, start=1):
         for name, p in stage.named_parameters():
             if p.is_floating_point() and p.dtype != x.dtype:

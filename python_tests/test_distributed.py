@@ -129,7 +129,7 @@ def test_broadcast_parameters(ranks):
 
 
 def test_failure_inside_one_ranks_estimate_reaches_the_others(ranks):
-    assert ranks[1]["dp_failure_inside_estimate"]["error"].startswith("ValueError: non-finite value")
+    assert ranks[1]["dp_failure_inside_estimate"]["error"].startswith("ValueError: eps=0.001 is below the resolution")
     assert "1 other rank(s) failed" in ranks[0]["dp_failure_inside_estimate"]["error"]
 
 

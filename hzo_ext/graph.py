@@ -1,0 +1,225 @@
+"""Any model as a chain of stages: torch.fx traces it, cuts fall where one tensor is live.
+
+An ``nn.Sequential`` (or a list) is the chain of its elements, as before. Any other module is
+traced with torch.fx. Its graph is cut at every point of the topological order where exactly
+one tensor is live (values that depend only on parameters and constants are recomputed where
+they are used, so they never hold a cut open). The piece between two cuts is a stage: the leaf
+module itself when the piece is one module call on the state (a Conv2d, a ReLU: the layer
+knowledge of SPP and the C++ executor applies), else a ``GraphStage``, the piece's own fx graph
+sharing the model's submodules and parameters (a residual block, a function call).
+
+Opaque nodes are run, never looked into: ``BlackBox`` modules, modules marked with
+``hzo_ext.opaque(module)``, and submodules torch.fx cannot trace (one warning names them).
+
+``signature(model)`` changes whenever the module tree or a parameter's shape does; the
+estimators compare it on every call and rebuild their stages, so a stage appended after
+construction is used, never ignored.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import warnings
+
+import torch
+from torch import fx, nn
+
+__all__ = ["Stages", "GraphStage", "opaque", "stages_of", "signature"]
+
+_OPAQUE_ATTR = "_hzo_opaque"
+# Node results that are not tensors (sizes, dims): such a value never makes a cut.
+_META_METHODS = {"size", "dim", "numel", "stride", "nelement", "ndimension", "is_contiguous", "get_device"}
+_META_FUNCTIONS = {getattr, len, operator.getitem, torch.numel}
+
+
+def opaque(module: nn.Module) -> nn.Module:
+    """Mark ``module`` opaque: traced models run it as one node, never looking into it."""
+    setattr(module, _OPAQUE_ATTR, True)
+    return module
+
+
+class Stages(list):
+    """The stages of a model (a list of modules) with their names in the model (``names[l-1]``)."""
+
+    def __init__(self, modules, names=None):
+        super().__init__(modules)
+        self.names = list(names) if names is not None else [None] * len(self)
+
+
+class GraphStage(nn.Module):
+    """A piece of a traced model: its fx graph, on the model's own submodules and parameters."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, label: str):
+        super().__init__()
+        self.piece = fx.GraphModule(root, graph)
+        self.label = label
+        self.in_shape = None  # per-sample input shape of the last call (for the SPP geometry)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.in_shape = tuple(x.shape[1:])
+        return self.piece(x)
+
+    def extra_repr(self) -> str:
+        return self.label
+
+
+def signature(model) -> tuple:
+    """Changes when the module tree or a parameter's shape changes (what the stages depend on)."""
+    mods = model if isinstance(model, (list, tuple)) else [model]
+    return tuple((name, id(m), type(m), tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)))
+                 for top in mods if isinstance(top, nn.Module)
+                 for name, m in top.named_modules(remove_duplicate=False))
+
+
+# ---- tracing --------------------------------------------------------------------------------
+
+class _Tracer(fx.Tracer):
+    def __init__(self, opaque_ids: set):
+        super().__init__()
+        self.opaque_ids = opaque_ids
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .stages import BlackBox
+        return (id(m) in self.opaque_ids or isinstance(m, BlackBox) or getattr(m, _OPAQUE_ATTR, False)
+                or super().is_leaf_module(m, qualname))
+
+
+def _defaults(module: nn.Module) -> dict:
+    """The defaults of forward's arguments after the first: traced as those constants."""
+    params = list(inspect.signature(module.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _traces(module: nn.Module, opaque_ids: set) -> bool:
+    try:
+        _Tracer(opaque_ids).trace(module, concrete_args=_defaults(module))
+        return True
+    except Exception:  # noqa: BLE001 (whatever the user's forward raises on proxies)
+        return False
+
+
+def _untraceable(module: nn.Module, prefix: str, opaque_ids: set):
+    """(name, module) of the innermost submodule that does not trace (module itself when all its
+    children do), or None when module traces."""
+    if _traces(module, opaque_ids):
+        return None
+    for name, child in module.named_children():
+        if id(child) in opaque_ids or _Tracer(opaque_ids).is_leaf_module(child, name):
+            continue
+        found = _untraceable(child, f"{prefix}.{name}" if prefix else name, opaque_ids)
+        if found is not None:
+            return found
+    return prefix, module
+
+
+def _trace(model: nn.Module) -> tuple[fx.Graph, list[str]]:
+    """The model's graph, with untraceable submodules made opaque (their names returned)."""
+    opaque_ids: set = set()
+    names: list[str] = []
+    while True:
+        try:
+            return _Tracer(opaque_ids).trace(model, concrete_args=_defaults(model)), names
+        except Exception as exc:  # noqa: BLE001
+            name, bad = _untraceable(model, "", opaque_ids) or ("", model)
+            if bad is model:
+                raise TypeError(f"torch.fx cannot trace {type(model).__name__}.forward ({type(exc).__name__}: "
+                                f"{exc}); pass an nn.Sequential of stages, or mark the parts that do not trace "
+                                f"with hzo_ext.opaque(module)") from exc
+            opaque_ids.add(id(bad))
+            names.append(f"{name} ({type(bad).__name__})")
+
+
+# ---- cutting --------------------------------------------------------------------------------
+
+def _is_meta(node: fx.Node, meta: set) -> bool:
+    """The node's value is a size, a dim or another non-tensor derived from shapes."""
+    if node.op == "call_method" and node.target in _META_METHODS:
+        return True
+    if node.op == "call_function" and node.target in _META_FUNCTIONS:
+        return node.target is not operator.getitem or any(a in meta for a in node.all_input_nodes)
+    return False
+
+
+def stages_of(model: nn.Module) -> Stages:
+    """The chain of stages of a traced model (see the module docstring)."""
+    graph, untraced = _trace(model)
+    if untraced:
+        warnings.warn(f"torch.fx cannot trace {', '.join(untraced)}: run as opaque nodes (whole, never split)",
+                      stacklevel=4)
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if not inputs:
+        raise TypeError(f"{type(model).__name__}.forward takes no input")
+    x = inputs[0]
+    # Arguments after x keep their defaults; fx guards them with asserts that nothing else uses.
+    extra = set(inputs[1:])
+    for n in nodes:
+        if n.op != "output" and n not in extra and any(a in extra for a in n.all_input_nodes):
+            extra.add(n)
+    if any(u not in extra for n in extra for u in n.users):
+        raise TypeError(f"{type(model).__name__}.forward uses {len(inputs)} inputs "
+                        f"({', '.join(n.target for n in inputs)}); the estimators pass one tensor x [B, ...]")
+    for n in reversed(nodes):
+        if n in extra:
+            graph.erase_node(n)
+    nodes = list(graph.nodes)
+    out = next(n for n in nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node):
+        raise TypeError(f"{type(model).__name__}.forward returns a {type(out).__name__}; the estimators need "
+                        f"one tensor [B, ...]")
+
+    # Values that depend on x are state; the rest (parameters, constants) are recomputed per piece.
+    state, meta = {x}, set()
+    for n in nodes:
+        if n.op not in ("placeholder", "output") and any(a in state for a in n.all_input_nodes):
+            state.add(n)
+            if _is_meta(n, meta):
+                meta.add(n)
+    order = [n for n in nodes if n in state]  # x first
+    pos = {n: i for i, n in enumerate(order)}
+    last_use = {n: max([pos[u] for u in n.users if u in pos] + [len(order) if n is out else -1]) for n in order}
+
+    cuts = [0]  # positions i: the single live value after order[i]
+    for i, n in enumerate(order[1:], start=1):
+        live = [v for v in order[:i + 1] if last_use[v] > i]
+        if len(live) == 1 and live[0] is n and n not in meta and i < pos[out] \
+                and not all(u.target is operator.getitem for u in n.users):
+            cuts.append(i)
+    cuts.append(pos[out])
+    if pos[out] == 0:
+        raise TypeError(f"{type(model).__name__}.forward returns its input unchanged: nothing to estimate")
+
+    modules, names = [], []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = order[a + 1:b + 1]
+        only = piece[0]
+        if len(piece) == 1 and only.op == "call_module" and only.args == (order[a],) and not only.kwargs:
+            modules.append(model.get_submodule(only.target))
+            names.append(only.target)
+        else:
+            modules.append(GraphStage(model, _piece_graph(order[a], piece), _label(piece)))
+            names.append(_label(piece))
+    return Stages(modules, names)
+
+
+def _piece_graph(inp: fx.Node, piece: list[fx.Node]) -> fx.Graph:
+    """A graph of the nodes ``piece`` on the input ``inp``, recomputing the constants it uses."""
+    g = fx.Graph()
+    env = {inp: g.placeholder("x")}
+
+    def copy(n: fx.Node) -> fx.Node:
+        if n not in env:
+            for a in n.all_input_nodes:
+                copy(a)  # a constant's inputs (get_attr, other constants)
+            env[n] = g.node_copy(n, lambda a: env[a])
+        return env[n]
+
+    for n in piece:
+        copy(n)
+    g.output(env[piece[-1]])
+    return g
+
+
+def _label(piece: list[fx.Node]) -> str:
+    names = [str(n.target) if n.op == "call_module" else n.name for n in piece]
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"

@@ -1,0 +1,431 @@
+"""Models nobody here wrote, run unmodified (traced with torch.fx), and the model-semantics cases
+that used to give silently wrong gradients."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hzo_ext
+from hzo_ext.graph import GraphStage
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+
+def _check(model, x, y, loss_fn=None, min_cos=0.9999, **kw):
+    """HZO on the unmodified model against float64 autograd of its own forward, per parameter
+    tensor; returns the estimator. ReLU-like kinks bias central differences at eps=1e-3 (a kink
+    inside +-eps), so the float64 checks use eps=1e-6."""
+    kw.setdefault("eps", 1e-6)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    ref = hzo_ext.reference_named_grads(model, loss_fn, x, y)
+    model.zero_grad(set_to_none=True)
+    est = hzo_ext.HZO(model, loss_fn, **kw)
+    loss = est.backward(x, y)
+    cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
+    assert len(cos) == len([p for p in model.parameters() if p.requires_grad])
+    worst = min(cos, key=cos.get)
+    assert cos[worst] >= min_cos, (worst, cos[worst])
+    with torch.no_grad():
+        expect = loss_fn(model(x), y)
+    torch.testing.assert_close(loss, expect)
+    return est
+
+
+def _images(n, c, hw, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+def test_torchvision_resnet18():
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.resnet18(num_classes=5).double().eval())
+    x, y = _images(2, 3, 8)
+    _check(model, x, y, split="chain")
+
+
+def test_torchvision_mobilenet_v3_small():
+    torch.manual_seed(0)
+    model = _randomise_bn(torchvision.models.mobilenet_v3_small(num_classes=5).double().eval())
+    x, y = _images(2, 3, 16)
+    _check(model, x, y, split="chain")
+
+
+def test_timm_vision_transformer():
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, in_chans=3, num_classes=5, embed_dim=16, depth=2, num_heads=2).double().eval()
+    x, y = _images(2, 3, 16)
+    _check(model, x, y)
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, d=8, classes=5):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_transformer_encoder_with_linear_head():
+    torch.manual_seed(0)
+    model = EncoderClassifier().double().eval()
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    _check(model, x, torch.tensor([0, 3, 1]))
+
+
+def test_transformer_encoder_batch_first_false_refused():
+    layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False), nn.Flatten(),
+                          nn.Linear(32, 5)).double().eval()
+    with pytest.raises(ValueError, match="batch_first=False mixes the samples"):
+        hzo_ext.HZO(model, nn.CrossEntropyLoss()).backward(torch.randn(3, 4, 8, dtype=torch.float64),
+                                                             torch.tensor([0, 3, 1]))
+
+
+class Block(nn.Module):
+    """A hand-written residual block: BatchNorm, in-place ReLU, a strided 1x1 shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.short is None else self.short(x)
+        return self.relu(out)
+
+
+class HandResNet(nn.Module):
+    def __init__(self, width=4, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
+        self.layers = nn.Sequential(Block(width, width, 1), Block(width, 2 * width, 2))
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _randomise_bn(model):
+    """BatchNorm statistics and affine parameters as after training. At their initial values a
+    conv whose inputs are all ReLU zeros gives exact zeros into the next ReLU: its kink, where
+    the central difference gives the symmetric derivative 1/2 and autograd 0."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("executor", ["python", "auto"])
+def test_hand_written_resnet_with_batchnorm_and_inplace_relu(executor):
+    torch.manual_seed(0)
+    model = _randomise_bn(HandResNet().double().eval())
+    x, y = _images(2, 3, 6)
+    est = _check(model, x, y, executor=executor)
+    assert any(isinstance(s, GraphStage) for s in est.stages)  # the residual blocks
+    assert any(isinstance(s, nn.ReLU) and s.inplace for s in est.stages)  # cut between BN and in-place ReLU
+
+
+class FunctionalMLP(nn.Module):
+    """One activation module used at every layer, torch functions between modules."""
+
+    def __init__(self, d=6, h=8, classes=5):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, classes)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.l1(x))
+        x = self.act(self.l2(x))
+        return self.l3(x)
+
+
+@pytest.mark.parametrize("executor", ["python", "auto"])
+def test_functional_mlp_reusing_one_activation(executor):
+    torch.manual_seed(0)
+    model = FunctionalMLP().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    est = _check(model, x, torch.tensor([0, 1, 2, 3]), executor=executor)
+    assert [type(s) for s in est.stages] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert est.stages[1] is est.stages[3]
+    if est.executor == "cpp":  # every stage is a lowered module: the C++ executor calls no Python
+        assert est.last_stats.forward_calls == 0
+
+
+def test_plan_names_the_traced_stages():
+    torch.manual_seed(0)
+    model = FunctionalMLP().double()
+    text = str(hzo_ext.HZO(model, nn.CrossEntropyLoss()).plan(torch.randn(2, 6, dtype=torch.float64)))
+    assert "HZO plan: 5 stages" in text
+
+
+# ---- the cases that were silently wrong ------------------------------------------------------
+
+@pytest.mark.parametrize("executor", ["python", "auto"])
+def test_module_used_twice_in_a_sequential(executor):
+    torch.manual_seed(0)
+    act = nn.Tanh()
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(6, 8), act, shared, act, shared, nn.Linear(8, 5)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    _check(model, x, torch.tensor([0, 1, 2, 3]), executor=executor)
+
+
+@pytest.mark.parametrize("executor", ["python", "auto"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_inplace_relu_after_a_clean_activation(executor, nested):
+    torch.manual_seed(0)
+    tail = [nn.ReLU(inplace=True), nn.Linear(8, 8)]
+    body = [nn.Sequential(*tail)] if nested else tail
+    model = nn.Sequential(nn.Linear(6, 8), *body, nn.Tanh(), nn.Linear(8, 5)).double()
+    x = torch.randn(6, 6, dtype=torch.float64)
+    _check(model, x, torch.tensor([0, 1, 2, 3, 4, 0]), executor=executor)
+
+
+class ShiftedConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward: its footprint is not a Conv2d's."""
+
+    def forward(self, x):
+        return super().forward(torch.roll(x, shifts=2, dims=-1))
+
+
+class ReversedSequential(nn.Sequential):
+    def forward(self, x):
+        for m in reversed(list(self)):
+            x = m(x)
+        return x
+
+
+@pytest.mark.parametrize("sub", ["conv", "sequential"])
+def test_subclass_with_own_forward_is_not_colored_as_its_parent(sub):
+    torch.manual_seed(0)
+    mid = (ShiftedConv(3, 3, 3, padding=1) if sub == "conv"
+           else ReversedSequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), mid, nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 8 * 8, 5)).double()
+    x, y = _images(2, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "probed densely"
+        est = _check(model, x, y, split="chain")
+    assert all(s.dense for s in est.plan(x).splits if s.m == 2)  # the split right of the subclass
+
+
+@pytest.mark.parametrize("executor", ["python", "auto"])
+def test_stage_appended_after_construction_is_used(executor):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8)).double()
+    est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), executor=executor)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    est.backward(x, y)
+    model.append(nn.Tanh())
+    model.append(nn.Linear(8, 5).double())
+    ref = hzo_ext.reference_named_grads(model, nn.CrossEntropyLoss(), x, y)
+    model.zero_grad(set_to_none=True)
+    est.backward(x, y)
+    cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
+    assert set(cos) == {n for n, _ in model.named_parameters()} and min(cos.values()) > 0.9999
+    assert len(est.stages) == 5 and est.plan(x).num_stages == 5
+    model[2] = nn.Linear(8, 16).double()  # now the chain no longer fits: refused, never ignored
+    with pytest.raises(ValueError, match="stage 5"):
+        est.backward(x, y)
+
+
+@pytest.mark.parametrize("make", [lambda m, l: hzo_ext.HZO(m, l, executor="python"), lambda m, l: hzo_ext.HZO(m, l),
+                                  lambda m, l: hzo_ext.CGE(m, l), lambda m, l: hzo_ext.Backprop(m, l)])
+def test_inference_mode_fills_gradients(make):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    ref = hzo_ext.reference_named_grads(model, nn.CrossEntropyLoss(), x, y)
+    est = make(model, nn.CrossEntropyLoss())
+    with torch.inference_mode():
+        est.backward(x, y)
+    cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
+    assert all(p.grad is not None for p in model.parameters()) and min(cos.values()) > 0.9999
+
+
+# ---- the front end's own edges ---------------------------------------------------------------
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.dim() == 2:  # control flow on a traced value: torch.fx cannot trace it
+            return torch.tanh(self.lin(x))
+        return torch.sigmoid(self.lin(x))
+
+
+class WithUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(6, 8), Untraceable(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.out(self.mid(torch.tanh(self.inp(x))))
+
+
+def test_untraceable_submodule_becomes_opaque_with_one_warning():
+    torch.manual_seed(0)
+    model = WithUntraceable().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"torch.fx cannot trace mid \(Untraceable\)"):
+        est = _check(model, x, torch.tensor([0, 1, 2, 3]))
+    assert model.mid in est.stages
+
+
+def test_opaque_marks_a_module():
+    torch.manual_seed(0)
+    model = FunctionalMLP().double()
+    hzo_ext.opaque(model.l2)
+    stages = hzo_ext.HZO(model, nn.CrossEntropyLoss()).stages
+    assert model.l2 in stages
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x, bias):
+        return self.lin(x) + bias
+
+
+class TupleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
+class TopLevelControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(x) if x.mean() > 0 else -self.lin(x)
+
+
+@pytest.mark.parametrize("model,match", [
+    (TwoInputs(), "uses 2 inputs"), (TupleOutput(), "returns a tuple"),
+    (TopLevelControlFlow(), "torch.fx cannot trace TopLevelControlFlow.forward.*hzo_ext.opaque"),
+    (42, "model must be an nn.Module")])
+def test_front_end_refusals_name_the_problem(model, match):
+    with pytest.raises(TypeError, match=match):
+        hzo_ext.HZO(model, nn.CrossEntropyLoss())
+
+
+def test_batch_statistics_in_a_function_refused():
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 5)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h - h.mean(0)
+    with pytest.raises(ValueError, match="mixes samples"):
+        hzo_ext.HZO(Centred().double(), nn.CrossEntropyLoss()).backward(torch.randn(3, 6, dtype=torch.float64),
+                                                                      torch.tensor([0, 1, 2]))
+
+
+# ---- SPP through traced pieces: DeepZero's ResNet-20, written the way its authors wrote it -----
+
+class LambdaLayer(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class DZBlock(nn.Module):
+    """DeepZero's (akamaster's) CIFAR BasicBlock: functional ReLU, option-A shortcut."""
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:
+            self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4),
+                                                        "constant", 0))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class DZResNet(nn.Module):
+    def __init__(self, blocks=(1, 1, 1), width=4, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for k, n in enumerate(blocks):
+            planes = width * 2 ** k
+            for b in range(n):
+                layers.append(DZBlock(cin, planes, 2 if k and b == 0 else 1))
+                cin = planes
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.avg_pool2d(out, out.size()[3])
+        out = out.view(out.size(0), -1)
+        return self.linear(out)
+
+
+@pytest.mark.parametrize("executor", ["python", "auto"])
+def test_deepzero_resnet_gets_spp_on_every_block_split(executor):
+    torch.manual_seed(0)
+    model = _randomise_bn(DZResNet().double().eval())
+    x, y = _images(2, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "probed densely" warning: every footprint is known
+        est = _check(model, x, y, split="chain", executor=executor)
+    plan = est.plan(x)
+    names = est.stages.names
+    first_block = next(s for s in plan.splits if names[s.m] == "layers.0.conv1 .. add")  # at 8x8
+    assert not first_block.dense and first_block.probes < math.prod(plan.shapes[first_block.m]) // 2
+    dense = hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=1e-6, split="chain", spp=False)
+    model.zero_grad(set_to_none=True)
+    dense.backward(x, y)
+    g_dense = hzo_ext.named_grads(model)
+    model.zero_grad(set_to_none=True)
+    est.backward(x, y)
+    for k, g in hzo_ext.named_grads(model).items():  # SPP gives the dense result to round-off
+        torch.testing.assert_close(g, g_dense[k], rtol=1e-8, atol=1e-10)
