@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run_train(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, exit code 2, no traceback
-        print(f"hzo-ext {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hzo-ext {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

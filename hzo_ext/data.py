@@ -58,7 +58,7 @@ def load_cifar10(folder: str) -> Dataset:
             data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
         except Exception as exc:  # a truncated or foreign file raises any of a dozen types
             raise ValueError(f"CIFAR-10 batch {path} is not a python-pickle batch with b'data' and b'labels' "
-                             f"({type(exc).__name__}: {_first_line(exc)})") from exc
+                             f"({type(exc).__name__}: {exc})") from exc
         if not (data.dtype == np.uint8 and data.ndim == 2 and data.shape[0] >= 1 and data.shape[1] == 3 * 32 * 32
                 and labels.shape == data.shape[:1] and np.issubdtype(labels.dtype, np.integer)
                 and labels.min() >= 0 and labels.max() <= 9):
@@ -72,7 +72,3 @@ def load_cifar10(folder: str) -> Dataset:
     mean, std = x_tr.mean(axis=(0, 2, 3), keepdims=True), x_tr.std(axis=(0, 2, 3), keepdims=True)
     norm = lambda a: torch.from_numpy((a - mean) / std)  # noqa: E731
     return Dataset("cifar10", norm(x_tr), torch.from_numpy(y_tr).long(), norm(x_te), torch.from_numpy(y_te).long(), 10)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]

@@ -192,22 +192,20 @@ def _atomic_save(obj, path: str) -> None:
         raise
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
-
-
 @contextlib.contextmanager
 def run_folder(cfg: TrainConfig):
     """Makes ``cfg.out`` and holds its lock for the run; refuses a folder another run holds and a
     fresh run over an existing checkpoint."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out} is a file, not a folder")
+    if cfg.resume and not os.path.isdir(cfg.out):
+        raise FileNotFoundError(f"--resume: no run folder {cfg.out}")
     path = os.path.join(cfg.out, ".lock")
     try:
         os.makedirs(cfg.out, exist_ok=True)
         lock = open(path, "a+")  # not "w": truncating would erase the holder's pid before we know we hold it
     except OSError as exc:
-        raise ValueError(f"--out {cfg.out} is not writable ({exc.strerror or _first_line(exc)})") from exc
+        raise ValueError(f"--out {cfg.out} is not writable ({exc.strerror or exc})") from exc
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -235,7 +233,8 @@ def load_checkpoint(path: str) -> dict:
     try:  # weights_only: a foreign pickle is refused, never run
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises any of a dozen types on a damaged file
-        raise ValueError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise ValueError(f"checkpoint {path} is unreadable: truncated, empty or not written by hzo-ext train "
+                         f"({type(exc).__name__})") from exc
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
             not isinstance(state["config"], dict):
         raise ValueError(f"checkpoint {path} is not an hzo-ext train checkpoint (expected a dict with "
@@ -326,7 +325,7 @@ def _train(cfg: TrainConfig, group, rank: int, world: int, device: str) -> dict:
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"checkpoint {ckpt_path} does not fit --model {cfg.model} --width {cfg.width} "
-                             f"--depth {cfg.depth} ({type(exc).__name__}: {_first_line(exc)})") from exc
+                             f"--depth {cfg.depth} ({type(exc).__name__}: {exc})") from exc
         for row in state["history"]:  # checkpoints older than the lr column trained at one lr throughout
             row.setdefault("lr", optimizer.param_groups[0]["lr"])
         for g in optimizer.param_groups:

@@ -110,7 +110,7 @@ def _damage(ckpt, how):
     elif how == "tensor":
         torch.save(torch.zeros(3), ckpt)
     elif how == "pickle_of_code":  # weights_only refuses it: nothing in it runs
-        open(ckpt, "wb").write(pickle.dumps(os.getcwd))
+        open(ckpt, "wb").write(pickle.dumps(os.getcwd, protocol=2))
     elif how == "other_width":  # the config says width 16 but the weights are of width 8
         from hzo_ext.models import residual_mlp
         state = torch.load(ckpt, weights_only=True)
