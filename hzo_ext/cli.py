@@ -8,11 +8,17 @@ import time
 
 
 def _train_parser(sub) -> None:
-    from .train import DATASETS, DISTRIBUTED, ESTIMATORS, MODELS, TrainConfig
+    from .train import DATASETS, DISTRIBUTED, ESTIMATORS, MODELS, RESUMABLE, TrainConfig
     d = TrainConfig(out="")
     p = sub.add_parser("train", help="train a model with HZO (default: residual MLP on digits, CPU)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/<timestamp>); one run at a time (a second is refused), and a "
+                        "folder that holds a checkpoint only with --resume")
+    changeable = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the run in --out from its last checkpoint; only {changeable} may differ from "
+                        "the run's options (a new --lr applies from the resumed epoch on), any other difference is "
+                        "refused")
     p.add_argument("--estimator", default=d.estimator, help=f"one of {', '.join(ESTIMATORS)}")
     p.add_argument("--split", default=d.split, help="bisect or chain")
     p.add_argument("--eps", type=float, default=d.eps)
@@ -22,7 +28,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--depth", type=int, default=d.depth, help="residual blocks of resmlp")
     p.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (python pickle batches)")
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run_train(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one line, exit code 2, no traceback
-        print(f"hzo-ext {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hzo-ext {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -43,16 +43,28 @@ def load_digits(image: bool = False, test_fraction: float = 0.2, seed: int = 0) 
 
 def load_cifar10(folder: str) -> Dataset:
     """CIFAR-10 from ``folder`` holding data_batch_1..5 and test_batch (the python version of
-    the dataset, unpacked); per-channel standardised [N, 3, 32, 32] float32."""
+    the dataset, unpacked); per-channel standardised [N, 3, 32, 32] float32. A missing file
+    raises FileNotFoundError, an unreadable or wrong-shape one ValueError naming it."""
     missing = [f for f in CIFAR10_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 folder {folder!r} lacks {', '.join(missing)} (expected the python "
                                 f"pickle batches {', '.join(CIFAR10_FILES)})")
 
     def read(name):
-        with open(os.path.join(folder, name), "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        return batch[b"data"].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, np.asarray(batch[b"labels"])
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        except Exception as exc:  # a truncated or foreign file raises any of a dozen types
+            raise ValueError(f"CIFAR-10 batch {path} is not a python-pickle batch with b'data' and b'labels' "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if not (data.dtype == np.uint8 and data.ndim == 2 and data.shape[0] >= 1 and data.shape[1] == 3 * 32 * 32
+                and labels.shape == data.shape[:1] and np.issubdtype(labels.dtype, np.integer)
+                and labels.min() >= 0 and labels.max() <= 9):
+            raise ValueError(f"CIFAR-10 batch {path}: expected uint8 data [N, 3072] and N labels in 0..9, got data "
+                             f"{data.dtype} {list(data.shape)} and labels {labels.dtype} {list(labels.shape)}")
+        return data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, labels
 
     parts = [read(f) for f in CIFAR10_FILES[:5]]
     x_tr, y_tr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

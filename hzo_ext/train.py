@@ -6,6 +6,14 @@ steps: the per-layer cosine of the estimate against backprop on a held batch. Wr
 ``resume=True`` continues a killed run to the same final weights as an uninterrupted one
 (data order and SPSA directions are functions of the seed and the epoch/step counters).
 
+The run folder ``out`` belongs to one run at a time: the run holds an exclusive lock on
+``out/.lock`` (flock, dropped by the kernel when the process ends, however it ends) and a
+second run on it is refused naming the holder; a fresh run (no ``resume``) is refused where
+``out`` already holds a checkpoint; what a resume may change is in ``train``'s docstring.
+Bad input (an unreadable or foreign checkpoint, a corrupt CIFAR batch, an unusable ``out`` or
+``device``) raises ValueError (FileNotFoundError for a missing file) naming it before anything
+is written: the last good checkpoint is only ever replaced, atomically, by the next epoch's.
+
 Under torchrun (docs/distributed.md), ``distributed='dp'`` gives each rank its block of every
 batch, ``'qp'`` shards the probes of every batch's estimate; both keep the single-process
 batches and sampling order, so the run matches a single-process one to round-off. Rank 0
@@ -13,11 +21,14 @@ alone prints, plots and writes checkpoints; a resume loads on rank 0 and broadca
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import fcntl
 import os
+import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -36,6 +47,9 @@ MODELS = ("resmlp", "cnn", "resnet20")  # residual MLP; models.digits_cnn; model
 DEFAULT_WIDTH = {"resmlp": 64, "cnn": 8, "resnet20": 16}
 DATASETS = ("digits", "cifar10")
 DISTRIBUTED = ("auto", "none", "dp", "qp")  # auto: dp under torchrun (WORLD_SIZE set), else none
+# What --resume may change; every other option must equal the checkpoint's (they fix the run's weights).
+RESUMABLE = ("epochs", "lr", "device", "data_dir", "cosine_every", "distributed")
+CHECKPOINT_KEYS = ("model", "optimizer", "history", "cosines", "epoch", "config", "spsa_calls")
 
 
 @dataclass
@@ -79,8 +93,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not (cfg.eps > 0 and cfg.lr > 0) or cfg.eps != cfg.eps or cfg.lr != cfg.lr:
         raise ValueError(f"--eps and --lr must be positive, got eps={cfg.eps}, lr={cfg.lr}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {cfg.device!r} is not a device (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {cfg.device}: hzo-ext train runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {cfg.device}: only {torch.cuda.device_count()} CUDA device(s)")
     if cfg.dataset == "cifar10" and not cfg.data_dir:
         raise ValueError("--dataset cifar10 needs --data-dir FOLDER holding data_batch_1..5 and test_batch")
     if cfg.distributed not in DISTRIBUTED:
@@ -157,32 +179,129 @@ def estimate_cosines(model, estimator, loss_fn, x, y, part: slice = slice(None))
 
 
 def _atomic_save(obj, path: str) -> None:
+    """``path`` is replaced whole or not at all: a failed or killed save leaves the previous file."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def run_folder(cfg: TrainConfig):
+    """Makes ``cfg.out`` and holds its lock for the run; refuses a folder another run holds and a
+    fresh run over an existing checkpoint."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is a file, not a folder")
+    if cfg.resume and not os.path.isdir(cfg.out):
+        raise FileNotFoundError(f"--resume: no run folder {cfg.out}")
+    path = os.path.join(cfg.out, ".lock")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        lock = open(path, "a+")  # not "w": truncating would erase the holder's pid before we know we hold it
+    except OSError as exc:
+        raise ValueError(f"--out {cfg.out} is not writable ({exc.strerror or exc})") from exc
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that has not written its pid yet"
+            raise ValueError(f"--out {cfg.out} is in use by another run ({holder}; lock {path}); wait for it to "
+                             f"end or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        ckpt = os.path.join(cfg.out, "checkpoint.pt")
+        if not cfg.resume and os.path.exists(ckpt):
+            raise ValueError(f"--out {cfg.out} already holds a run ({ckpt}); pass --resume to continue it or "
+                             f"choose another --out")
+        yield  # the kernel drops the lock when the file closes or the process dies
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by ``train``; FileNotFoundError if absent, ValueError naming ``path``
+    if it is unreadable (truncated, empty, not a torch file) or not a training checkpoint."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:  # weights_only: a foreign pickle is refused, never run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises any of a dozen types on a damaged file
+        raise ValueError(f"checkpoint {path} is unreadable: truncated, empty or not written by hzo-ext train "
+                         f"({type(exc).__name__})") from exc
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
+            not isinstance(state["config"], dict):
+        raise ValueError(f"checkpoint {path} is not an hzo-ext train checkpoint (expected a dict with "
+                         f"{', '.join(CHECKPOINT_KEYS)})")
+    return state
+
+
+def check_resume(cfg: TrainConfig, state: dict, path: str) -> None:
+    """Refuses a resume that would change the run's meaning (the rule is in ``train``'s docstring)."""
+    old, diffs = state["config"], []
+    for f in fields(TrainConfig):
+        was, now = old.get(f.name, f.default), getattr(cfg, f.name)
+        if f.name not in RESUMABLE + ("out", "resume") and was != now:
+            diffs.append(f"--{f.name.replace('_', '-')} {was} in the checkpoint, {now} now")
+    if diffs:
+        raise ValueError(f"--resume: {path} is a run with other options: {'; '.join(diffs)}; only "
+                         f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE)} may change")
+    if cfg.epochs < state["epoch"]:
+        raise ValueError(f"--resume: {path} is already at epoch {state['epoch']}, past --epochs {cfg.epochs}")
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) a training run; returns the final metrics row."""
+    """Runs (or resumes) a training run; returns the final metrics row.
+
+    On resume, only the options in ``RESUMABLE`` (epochs, lr, device, data_dir, cosine_every,
+    distributed) may differ from the checkpoint's; any other difference raises ValueError naming
+    each option and both values. A changed lr is set on the optimizer from the resumed epoch on
+    and recorded in the checkpoint's config and in the ``lr`` column of ``metrics.csv``.
+    """
     validate(cfg)
     mode = distributed_mode(cfg)
-    if mode == "none":
-        return _train(cfg, None, 0, 1, cfg.device)
-    group, rank, world, device = hzo_dist.init_from_env(cfg.device)
-    try:
-        return _train(cfg, group, rank, world, device)
-    finally:
-        torch.distributed.destroy_process_group()
+    lead = mode == "none" or os.environ.get("RANK", "0") == "0"  # rank 0 alone writes to --out
+    with run_folder(cfg) if lead else contextlib.nullcontext():
+        if mode == "none":
+            return _train(cfg, None, 0, 1, cfg.device)
+        group, rank, world, device = hzo_dist.init_from_env(cfg.device)
+        try:
+            return _train(cfg, group, rank, world, device)
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def _resume_state(cfg: TrainConfig, path: str, group, lead: bool, device: torch.device) -> dict:
+    """Rank 0 reads and checks the checkpoint and sends it (or its error) to every rank."""
+    state = None
+    if lead:
+        try:
+            state = load_checkpoint(path)
+            check_resume(cfg, state, path)
+        except (ValueError, FileNotFoundError) as exc:
+            state = exc  # every rank raises it, none waits in a collective for rank 0
+    if group is not None:  # no shared filesystem needed
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0, group=group,
+                                                device=device if device.type == "cuda" else None)
+        state = box[0]
+    if isinstance(state, Exception):
+        raise state
+    return state
 
 
 def _train(cfg: TrainConfig, group, rank: int, world: int, device: str) -> dict:
     lead = rank == 0  # prints, plots and writes checkpoints
-    if lead:
-        os.makedirs(cfg.out, exist_ok=True)
-    data = load_dataset(cfg)
     device = torch.device(device)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    state = _resume_state(cfg, ckpt_path, group, lead, device) if cfg.resume else None
+    data = load_dataset(cfg)
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test))
     # data-parallel: rank r estimates on its block of every (global) batch of n samples
     part = (lambda n: slice(*hzo_dist.block(n, rank, world))) if distributed_mode(cfg) == "dp" else \
@@ -199,21 +318,18 @@ def _train(cfg: TrainConfig, group, rank: int, world: int, device: str) -> dict:
     held = torch.Generator().manual_seed(cfg.seed + 1)
     held_idx = torch.randperm(len(x_tr), generator=held)[: cfg.batch_size]
     # The cosine probe runs on a copy so the held-batch estimate never touches the trained weights.
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     history, cosines, start_epoch = [], [], 0
-    if cfg.resume:
-        state = None
-        if lead and os.path.isfile(ckpt_path):
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if group is not None:  # rank 0's checkpoint to every rank (no shared filesystem needed)
-            box = [state]
-            torch.distributed.broadcast_object_list(box, src=0, group=group,
-                                                    device=device if device.type == "cuda" else None)
-            state = box[0]
-        if state is None:
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint {ckpt_path} does not fit --model {cfg.model} --width {cfg.width} "
+                             f"--depth {cfg.depth} ({type(exc).__name__}: {exc})") from exc
+        for row in state["history"]:  # checkpoints older than the lr column trained at one lr throughout
+            row.setdefault("lr", optimizer.param_groups[0]["lr"])
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr
         history, cosines, start_epoch = state["history"], state["cosines"], state["epoch"]
         if isinstance(estimator, SPSA):
             estimator.calls = state["spsa_calls"]
@@ -245,8 +361,8 @@ def _train(cfg: TrainConfig, group, rank: int, world: int, device: str) -> dict:
             bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
         model.eval()
         test_loss, test_acc = evaluate(model, x_te, y_te, loss_fn)
-        row = dict(epoch=epoch + 1, train_loss=running / len(x_tr), test_loss=test_loss, test_acc=test_acc,
-                   seconds=time.perf_counter() - t0)
+        row = dict(epoch=epoch + 1, lr=cfg.lr, train_loss=running / len(x_tr), test_loss=test_loss,
+                   test_acc=test_acc, seconds=time.perf_counter() - t0)
         history.append(row)
         if not lead:
             continue
@@ -272,7 +388,6 @@ def write_outputs(cfg: TrainConfig, model, history, cosines) -> None:
 def trained_stages(model) -> list[int]:
     """0-based indices of the stages with trainable parameters (per_layer_cosine's order)."""
     return [l for l, s in enumerate(model.children()) if any(p.requires_grad for p in s.parameters())]
-    plot_run(cfg, history, cosines)
 
 
 def plot_run(cfg: TrainConfig, history, cosines, stage_ids) -> None:
