@@ -94,36 +94,44 @@ def run(steps: int, eval_every: int, batch: int, lr: float, seed: int) -> tuple[
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """2 x 2 panels: test accuracy (top) and test loss (bottom) against estimator seconds (left) and
+    queries (right), log-x; backprop makes no queries: its best value is a dotted line on the right."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for label in METHODS:
-        pts = [r for r in rows if r["method"] == label and r["step"] > 0]
-        style = "--" if label.startswith("hzo bisect") else "-"
-        axes[0].plot([r["seconds"] for r in pts], [r["test_acc"] for r in pts], style, marker=".", label=label)
-        if label == "backprop":  # no queries: its best accuracy as a reference line
-            axes[1].axhline(max(r["test_acc"] for r in pts), color="C0", ls=":", label="backprop (best, no queries)")
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharex="col")
+    for row, (key, best, name) in enumerate([("test_acc", max, "test accuracy"), ("test_loss", min, "test loss")]):
+        for k, label in enumerate(METHODS):
+            pts = [r for r in rows if r["method"] == label and r["step"] > 0]
+            style = dict(ls="--" if label == "hzo bisect" else "-", marker=".", color=f"C{k}", label=label)
+            axes[row, 0].plot([r["seconds"] for r in pts], [r[key] for r in pts], **style)
+            if label == "backprop":
+                axes[row, 1].axhline(best(r[key] for r in pts), color="C0", ls=":", label="backprop (best, no queries)")
+            else:
+                axes[row, 1].plot([r["queries"] for r in pts], [r[key] for r in pts], **style)
+        for ax in axes[row]:
+            ax.set(xscale="log", ylabel=name)
+            ax.grid(True, which="both", alpha=0.3)
+        if key == "test_acc":
+            axes[row, 0].set_ylim(0, 1)
+            axes[row, 1].set_ylim(0, 1)
         else:
-            axes[1].plot([r["queries"] for r in pts], [r["test_acc"] for r in pts], style, marker=".",
-                         color=f"C{list(METHODS).index(label)}", label=label)
-    axes[0].set(xscale="log", xlabel="estimator seconds (cumulative)", ylabel="test accuracy",
-                title="accuracy against wall-clock time")
-    axes[1].set(xscale="log", xlabel="queries (cumulative fd_layer_evals)", ylabel="test accuracy",
-                title="accuracy against queries")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_ylim(0, 1)
-    axes[1].legend(fontsize=8, loc="upper left")
+            axes[row, 0].set_yscale("log")
+            axes[row, 1].set_yscale("log")
+    axes[0, 0].set_title("against wall-clock time (estimator only)")
+    axes[0, 1].set_title("against queries")
+    axes[1, 0].set_xlabel("estimator seconds (cumulative)")
+    axes[1, 1].set_xlabel("queries (cumulative fd_layer_evals)")
+    axes[0, 1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--steps", type=int, default=1350)
     ap.add_argument("--eval-every", type=int, default=45)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)

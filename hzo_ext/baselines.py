@@ -78,8 +78,9 @@ class SPSA:
     ``"layer"``: the trainable parameters of one module that owns parameters directly, in model
     order, one per call, cyclic; ``"random"``: one of those layer blocks, drawn from ``seed`` and the
     call count; a list of parameter groups: one group per call, cyclic. Only the block's
-    parameters get a gradient; the queries restart from the clean activation before the block's
-    first stage. ``last_block`` (an ``SPSABlock``) says which block the last call estimated.
+    parameters get a gradient; the queries restart from the clean activation before the first
+    stage that holds one of the block's parameters (the stages before it are unperturbed).
+    ``last_block`` (an ``SPSABlock``) says which block the last call estimated.
     """
 
     def __init__(self, model, loss_fn, eps: float = 1e-3, num_samples: int = 1, seed: int = 0, blocks=None,
