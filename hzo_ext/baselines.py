@@ -124,7 +124,8 @@ class SPSA:
             return "all", [self.params]
         if isinstance(blocks, str):
             if blocks not in ("layer", "random"):
-                raise ValueError(f"blocks must be None, 'layer', 'random' or a list of parameter groups, got {blocks!r}")
+                raise ValueError(f"blocks must be None, 'layer', 'random' or a list of parameter groups, "
+                                 f"got {blocks!r}")
             if not layers:
                 raise ValueError(f"blocks={blocks!r}: the model has no trainable parameters to make blocks of")
             return blocks, layers
@@ -153,7 +154,8 @@ class SPSA:
                     raise ValueError(f"blocks[{g}]: parameter {name!r} has requires_grad=False (frozen); "
                                      f"only trainable parameters can form a block")
                 if id(p) in owner:
-                    where = f"twice in blocks[{g}]" if owner[id(p)] == g else f"in blocks[{owner[id(p)]}] and blocks[{g}]"
+                    first = owner[id(p)]
+                    where = f"twice in blocks[{g}]" if first == g else f"in blocks[{first}] and blocks[{g}]"
                     raise ValueError(f"parameter {name!r} is {where}; each parameter may be in one group only")
                 owner[id(p)] = g
             groups.append(sorted(members, key=lambda p: order[id(p)]))  # model order: the draws of blocks=None
