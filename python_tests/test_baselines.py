@@ -108,3 +108,229 @@ def test_backprop_baseline_is_autograd():
 def test_baselines_validate(make):
     with pytest.raises(ValueError):
         make(_small_problem()[0])
+
+
+# ---- SPSA in place (MeZO) and by blocks (MeZO-BCD) ---------------------------------------------
+
+@torch.no_grad()
+def _spsa_before_in_place(model, loss_fn, x, y, eps, num_samples, seed, calls):
+    """The plain reference: SPSA as it was before the in-place version (a copy of every weight,
+    every direction materialised), for one call with call count ``calls``."""
+    from hzo_ext.stages import LossHead, as_stages
+    stages, head = as_stages(model), LossHead(loss_fn)
+
+    def forward(a):
+        for s in stages:
+            a = s(a)
+        return a
+
+    params = list({id(p): p for s in stages for p in s.parameters() if p.requires_grad}.values())
+    loss = head.total(forward(x), y)
+    gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + calls)
+    saved = [p.detach().clone() for p in params]
+    grads = [torch.zeros_like(p) for p in params]
+    for _ in range(num_samples):
+        z = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
+        side = []
+        for sign in (1.0, -1.0):
+            for p, w, d in zip(params, saved, z):
+                p.copy_(w + sign * eps * d)
+            side.append(head.total(forward(x), y))
+        for p, w in zip(params, saved):
+            p.copy_(w)
+        proj = (side[0] - side[1]) / (2 * eps)
+        for g, d in zip(grads, z):
+            g.add_(d, alpha=proj.item() / num_samples)
+    return loss, grads
+
+
+def _awkward_mlp(dtype, device="cpu"):
+    """Weights spread over many binades (1e-6 .. 10), where w + eps z - 2 eps z + eps z rounds away from w."""
+    model = mlp(3, 8, "tanh", residual=True, dtype=dtype).to(device)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10.0 ** torch.empty(p.shape, dtype=dtype).uniform_(-5, 1, generator=g).to(device))
+    return model
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_spsa_in_place_equals_the_copying_algorithm(num_samples, dtype, device):
+    """Same seed, same estimate as the copying algorithm: the same draws, and the perturbed weights
+    and the sums are computed with the same roundings, so equality is exact (tolerance 0)."""
+    model = _awkward_mlp(dtype, device)
+    x, y = batch(6, dtype=dtype, device=device)
+    est = hzo_ext.SPSA(model, CE(), eps=1e-3, num_samples=num_samples, seed=11)
+    for calls in range(3):
+        loss_ref, grads_ref = _spsa_before_in_place(model, CE(), x, y, 1e-3, num_samples, 11, calls)
+        model.zero_grad(set_to_none=True)
+        loss = est.backward(x, y)
+        assert est.calls == calls + 1
+        assert torch.equal(loss, loss_ref)
+        for (name, p), g in zip(model.named_parameters(), grads_ref):
+            assert torch.equal(p.grad, g), f"call {calls}, {name}: max diff {(p.grad - g).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("blocks", [None, "layer", "random"])
+def test_spsa_restores_weights_bitwise(blocks, dtype, device):
+    model = _awkward_mlp(dtype, device)
+    x, y = batch(6, dtype=dtype, device=device)
+    before = _weights(model)
+    with torch.no_grad():  # the test has teeth: restoring by arithmetic (+eps z, -2 eps z, +eps z) is not exact
+        gen = torch.Generator(device=device).manual_seed(0)
+        naive = [w + 1e-3 * z - 2e-3 * z + 1e-3 * z
+                 for w in before for z in [torch.randn(w.shape, generator=gen, dtype=dtype, device=device)]]
+    assert not all(torch.equal(a, b) for a, b in zip(naive, before))
+    est = hzo_ext.SPSA(model, CE(), eps=1e-3, num_samples=2, seed=3, blocks=blocks)
+    for _ in range(4):
+        est.backward(x, y)
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+
+
+def test_spsa_restores_weights_when_a_query_fails():
+    from _models import Blowup
+    model = nn.Sequential(nn.Linear(3, 4), Blowup(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-6)
+        model[0].bias.zero_()  # the clean loss is finite, the perturbed ones overflow
+    x, y = batch(4, 3, 3)
+    before = _weights(model)
+    with pytest.raises(ValueError, match="non-finite"):
+        hzo_ext.SPSA(model, CE(), eps=1e-1).backward(x, y)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("blocks", [None, "layer", "random", "groups"])
+def test_spsa_deterministic_per_seed(blocks):
+    def run(seed):
+        """Five calls: per call the block and every parameter's gradient (None outside the block)."""
+        model = mlp(3, 6, "gelu", residual=True)
+        groups = [[model[0].weight, model[4].bias], list(model[1].parameters()) + [model[0].bias]]
+        est = hzo_ext.SPSA(model, CE(), num_samples=2, seed=seed, blocks=groups if blocks == "groups" else blocks)
+        x, y = batch(5)
+        out = []
+        for _ in range(5):
+            model.zero_grad(set_to_none=True)
+            est.backward(x, y)
+            out.append((est.last_block, [None if p.grad is None else p.grad.tolist() for p in model.parameters()]))
+        return out
+
+    first = run(4)
+    assert first == run(4) and first != run(5)
+
+
+def test_spsa_layer_blocks_cycle_in_model_order():
+    model = mlp(2, 6, "gelu", residual=True)  # Linear, 2 ResidualBlock(Sequential(Linear, GELU)), Linear
+    model[1].module[0].bias.requires_grad_(False)  # a frozen parameter is in no block
+    est = hzo_ext.SPSA(model, CE(), blocks="layer")
+    expect = [("0.weight", "0.bias"), ("1.module.0.weight",), ("2.module.0.weight", "2.module.0.bias"),
+              ("3.weight", "3.bias")]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [n for b in expect for n in b]
+    x, y = batch(5)
+    for call in range(2 * len(expect)):
+        model.zero_grad(set_to_none=True)
+        est.backward(x, y)
+        assert est.last_block == hzo_ext.baselines.SPSABlock(call % 4, expect[call % 4])
+        with_grad = tuple(n for n, p in model.named_parameters() if p.grad is not None)
+        assert with_grad == expect[call % 4]
+        # queries restart at the block's stage: stages before it are not re-run
+        assert est.last_stats.fd_layer_evals == 2 * (4 - call % 4)
+
+
+def test_spsa_random_blocks_draw_every_block_and_follow_the_seed():
+    model = mlp(2, 6, "gelu", residual=True)
+    x, y = batch(5)
+    seqs = []
+    for seed in (0, 0, 1):
+        est = hzo_ext.SPSA(model, CE(), seed=seed, blocks="random")
+        seq = []
+        for _ in range(40):
+            est.backward(x, y)
+            seq.append(est.last_block.index)
+        seqs.append(seq)
+    assert seqs[0] == seqs[1] and seqs[0] != seqs[2]
+    assert set(seqs[0]) == {0, 1, 2, 3}  # P(a block missing in 40 draws) = 4 * 0.75^40 ~ 4e-5
+
+
+def test_spsa_group_blocks_cycle():
+    model = mlp(2, 6, "gelu", residual=True)
+    groups = [[model[3].bias, model[0].weight], list(model[2].parameters())]
+    est = hzo_ext.SPSA(model, CE(), blocks=groups)
+    x, y = batch(5)
+    for call, names in enumerate([("0.weight", "3.bias"), ("2.module.0.weight", "2.module.0.bias")] * 2):
+        model.zero_grad(set_to_none=True)
+        est.backward(x, y)
+        assert est.last_block.index == call % 2 and est.last_block.names == names  # model order
+        assert tuple(n for n, p in model.named_parameters() if p.grad is not None) == names
+
+
+@pytest.mark.parametrize("blocks", ["layer", "random", "groups"])
+def test_spsa_block_equals_all_parameter_estimate_with_the_rest_frozen(blocks):
+    """A block's estimate is the blocks=None estimate of the model whose other parameters are frozen,
+    same seed and call count (the frozen-model run also re-runs only the stages from the block on)."""
+    model = mlp(4, 6, "tanh", residual=True)
+    x, y = batch(5)
+    groups = [[model[5].bias, model[1].module[0].weight, model[2].module[0].bias], list(model[4].parameters())]
+    est = hzo_ext.SPSA(model, CE(), num_samples=2, seed=9, blocks=groups if blocks == "groups" else blocks)
+    for call in range(6):
+        model.zero_grad(set_to_none=True)
+        est.backward(x, y)
+        got = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        names = set(est.last_block.names)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        model.zero_grad(set_to_none=True)
+        frozen = hzo_ext.SPSA(model, CE(), num_samples=2, seed=9)
+        frozen.calls = call
+        frozen.backward(x, y)
+        _, plain = _spsa_before_in_place(model, CE(), x, y, 1e-3, 2, 9, call)  # every query a full forward
+        for (n, p), g in zip(model.named_parameters(), got):
+            assert (g is None) == (n not in names), n
+            if g is not None:
+                assert torch.equal(g, p.grad), f"call {call}, {n}"
+        for g, expect in zip([g for g in got if g is not None], plain):
+            assert torch.equal(g, expect)
+        assert frozen.last_stats.fd_layer_evals == est.last_stats.fd_layer_evals
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def _bad_blocks(model):
+    frozen = nn.Parameter(torch.zeros(2))
+    return [
+        ("layers", ValueError, "'layers'"),
+        (3, TypeError, "got a int"),
+        ([], ValueError, "empty list"),
+        ([[model[0].weight], []], ValueError, r"blocks\[1\] is empty"),
+        ([[frozen]], ValueError, r"blocks\[0\]\[0\] \(shape \(2,\)\) is not a parameter of the model"),
+        ([[model[0].weight], [model[3].bias, model[0].weight]], ValueError,
+         r"'0.weight' is in blocks\[0\] and blocks\[1\]"),
+        ([[model[0].bias, model[0].bias]], ValueError, r"'0.bias' is twice in blocks\[0\]"),
+        ([[model[1].module[0].bias]], ValueError, "'1.module.0.bias' has requires_grad=False"),
+        ([model[0].weight], TypeError, r"blocks\[0\] must be an iterable of parameters"),
+        ([[1.0]], TypeError, r"blocks\[0\]\[0\] is a float"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_spsa_bad_blocks_refused(case):
+    model = mlp(2, 6, "gelu", residual=True)
+    model[1].module[0].bias.requires_grad_(False)
+    blocks, kind, message = _bad_blocks(model)[case]
+    with pytest.raises(kind, match=message):
+        hzo_ext.SPSA(model, CE(), blocks=blocks)
+
+
+def test_spsa_layer_blocks_need_trainable_parameters():
+    model = mlp(1, 4, "tanh").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        hzo_ext.SPSA(model, CE(), blocks="layer")
