@@ -2,7 +2,10 @@
 
 They define what the C++/CUDA kernels must compute (the tests compare against them) and
 they are what the package runs when the compiled extension is missing or disabled
-(``HZO_EXT_DISABLE=1``). Argument checking lives in ``hzo_ext.ops``, not here.
+(``HZO_EXT_DISABLE=1``). Each op checks its arguments like csrc/ops/checks.cpp: same order
+(devices first), same exception type (ValueError for values, shapes and devices, TypeError for
+dtypes), same message text. The ``check_*`` functions with ``values=False`` skip the
+data-dependent checks: they are also what the fake kernels in ``hzo_ext.ops`` run.
 """
 from __future__ import annotations
 
@@ -18,25 +21,31 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def perturb(a: torch.Tensor, colors: torch.Tensor, probe_ids: torch.Tensor, eps: float) -> torch.Tensor:
     """[B, *S] -> [2, K, B, *S]; copy k moves every coordinate of color probe_ids[k] by +eps / -eps."""
-    B = a.shape[0]
+    check_perturb(a, colors, probe_ids, eps)
+    B, N, K = a.shape[0], colors.numel(), probe_ids.numel()  # explicit sizes: any of them may be 0
     acc = _accumulate_dtype(a.dtype)
-    mask = (colors.reshape(1, -1) == probe_ids.reshape(-1, 1)).to(acc)  # [K, prod(S)]
-    shift = torch.stack([mask * eps, mask * -eps])  # [2, K, prod(S)]
-    flat = a.reshape(B, -1).to(acc)
-    out = flat.reshape(1, 1, B, -1) + shift.unsqueeze(2)
-    return out.to(a.dtype).reshape(2, probe_ids.numel(), *a.shape)
+    mask = (colors.reshape(1, N) == probe_ids.reshape(K, 1)).to(acc)  # [K, N]
+    shift = torch.stack([mask * eps, mask * -eps])  # [2, K, N]
+    out = a.reshape(1, 1, B, N).to(acc) + shift.unsqueeze(2)
+    return out.to(a.dtype).reshape(2, K, *a.shape)
 
 
 def contract(y: torch.Tensor, target: torch.Tensor, owner: torch.Tensor, eps: float,
-             num_inputs: int) -> torch.Tensor:
-    """out[b, owner[k,q]] += target[b,q] * (y[0,k,b,q] - y[1,k,b,q]) / (2 eps); owner -1 is ignored."""
-    K, B = y.shape[1], y.shape[2]
+             num_inputs: int | None = None) -> torch.Tensor:
+    """out[b, owner[k,q]] += target[b,q] * (y[0,k,b,q] - y[1,k,b,q]) / (2 eps); owner -1 is ignored.
+    num_inputs None: max(owner) + 1 (hzo_ext::contract), else hzo_ext::contract_sized."""
+    num_inputs = check_contract(y, target, owner, eps, num_inputs)
+    return _contract(y, target, owner, eps, num_inputs)
+
+
+def _contract(y, target, owner, eps, num_inputs):
+    K, B, Q = y.shape[1], y.shape[2], owner.shape[1]
     acc = _accumulate_dtype(y.dtype)
-    yf = y.reshape(2, K, B, -1).to(acc)
-    terms = (yf[0] - yf[1]) * target.reshape(1, B, -1).to(acc) / (2 * eps)  # [K, B, T]
+    yf = y.reshape(2, K, B, Q).to(acc)
+    terms = (yf[0] - yf[1]) * target.reshape(1, B, Q).to(acc) / (2 * eps)  # [K, B, Q]
     idx = owner.reshape(-1)
     keep = idx >= 0
-    vals = terms.permute(1, 0, 2).reshape(B, -1)[:, keep]
+    vals = terms.permute(1, 0, 2).reshape(B, K * Q)[:, keep]
     out = torch.zeros(B, num_inputs, dtype=acc, device=y.device)
     out.index_add_(1, idx[keep], vals)
     return out.to(y.dtype)
@@ -68,11 +77,139 @@ def spp_owner(colors: torch.Tensor, probe_start: int, K: int, boxes: torch.Tenso
         owner[k_all[src], src // P, q] = src
     else:
         owner[k_all[src], :, q] = src.unsqueeze(1)
-    return owner.reshape(K, -1)
+    return owner.reshape(K, Cout * Qs)
 
 
 def contract_spp(y: torch.Tensor, target: torch.Tensor, colors: torch.Tensor, probe_start: int,
                  boxes: torch.Tensor, in_shape, channelwise: bool, eps: float) -> torch.Tensor:
     """contract with the owner map spp_owner builds from the coloring's geometry."""
+    check_contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps)
     owner = spp_owner(colors, probe_start, y.shape[1], boxes, in_shape, y.shape[3:], channelwise)
-    return contract(y, target, owner, eps, math.prod(in_shape))
+    return _contract(y, target, owner, eps, math.prod(in_shape))
+
+
+# ---- argument checks, in the order and words of csrc/ops/checks.cpp ----
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_eps(eps: float, op: str) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        shown = repr(float(eps)) if isinstance(eps, (int, float)) else repr(eps)
+        raise ValueError(f"{op}: eps must be positive and finite, got {shown}")
+
+
+def _check_device(t: torch.Tensor, ref: torch.Tensor, op: str, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_floating(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"{op}: {name} must be a floating tensor (float16, bfloat16, float32, float64), "
+                        f"got {t.dtype}")
+
+
+def _check_int64(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got {t.dtype}")
+
+
+def _check_target(y, target, op: str, layout: str) -> None:
+    """target matches y [2, K, B, ...] in dtype and shape (y's dims after the first two)."""
+    if target.dtype != y.dtype:
+        raise TypeError(f"{op}: target dtype {target.dtype} does not match y dtype {y.dtype}")
+    if target.shape != y.shape[2:]:
+        raise ValueError(f"{op}: target must be {layout} = {list(y.shape[2:])} to match y of shape "
+                         f"{list(y.shape)}, got shape {list(target.shape)}")
+
+
+def check_perturb(a, colors, probe_ids, eps, values: bool = True) -> None:
+    op = "hzo_ext::perturb"
+    _check_device(colors, a, op, "colors", "a")
+    _check_device(probe_ids, a, op, "probe_ids", "a")
+    _check_eps(eps, op)
+    _check_floating(a, op, "a")
+    if a.dim() < 2:
+        raise ValueError(f"{op}: a must be [B, *S] with at least one feature dimension, got shape {list(a.shape)}")
+    _check_int64(colors, op, "colors")
+    _check_int64(probe_ids, op, "probe_ids")
+    n = math.prod(a.shape[1:])
+    if colors.dim() != 1 or colors.numel() != n:
+        raise ValueError(f"{op}: colors must be 1-D with prod(S) = {n} entries for a of shape "
+                         f"{list(a.shape)}, got shape {list(colors.shape)}")
+    if probe_ids.dim() != 1:
+        raise ValueError(f"{op}: probe_ids must be 1-D [K], got shape {list(probe_ids.shape)}")
+    if not values:
+        return
+    if colors.numel() and int(colors.min()) < 0:
+        raise ValueError(f"{op}: colors must be >= 0 (out of range)")
+    if probe_ids.numel() and int(probe_ids.min()) < 0:
+        raise ValueError(f"{op}: probe_ids must be >= 0 (out of range)")
+
+
+def check_contract(y, target, owner, eps, num_inputs, values: bool = True) -> int | None:
+    """Returns num_inputs; when None, max(owner) + 1 (None without the value checks)."""
+    op = "hzo_ext::contract" if num_inputs is None else "hzo_ext::contract_sized"
+    _check_device(target, y, op, "target", "y")
+    _check_device(owner, y, op, "owner", "y")
+    _check_eps(eps, op)
+    _check_floating(y, op, "y")
+    if y.dim() < 4 or y.shape[0] != 2:
+        raise ValueError(f"{op}: y must be [2, K, B, *T] (the +eps and -eps outputs), got shape {list(y.shape)}")
+    _check_target(y, target, op, "[B, *T]")
+    _check_int64(owner, op, "owner")
+    K, Q = y.shape[1], math.prod(target.shape[1:])
+    if owner.shape != (K, Q):
+        raise ValueError(f"{op}: owner must be [K, prod(T)] = [{K}, {Q}], got shape {list(owner.shape)}")
+    if num_inputs is not None and num_inputs < 0:
+        raise ValueError(f"{op}: num_inputs must be >= 0, got {num_inputs}")
+    if not values:
+        return num_inputs
+    lo, hi = (int(owner.min()), int(owner.max())) if owner.numel() else (-1, -1)
+    if lo < -1:
+        raise ValueError(f"{op}: owner entries must be >= -1 (-1 = ignored), found {lo} (out of range)")
+    if num_inputs is None:
+        return hi + 1
+    if hi >= num_inputs:
+        raise ValueError(f"{op}: owner entries must be < num_inputs = {num_inputs}, found {hi} (out of range)")
+    return num_inputs
+
+
+def check_contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps,
+                       values: bool = True) -> None:
+    op = "hzo_ext::contract_spp"
+    _check_device(target, y, op, "target", "y")
+    _check_device(colors, y, op, "colors", "y")
+    _check_device(boxes, y, op, "boxes", "y")
+    _check_eps(eps, op)
+    _check_floating(y, op, "y")
+    r = len(in_shape) - 1
+    if not 1 <= r <= 3:
+        raise ValueError(f"{op}: in_shape must be [C, *S] with 1 to 3 spatial axes, got {list(in_shape)}")
+    if min(in_shape) <= 0:
+        raise ValueError(f"{op}: in_shape sizes must be positive, got {list(in_shape)}")
+    if y.dim() != 4 + r or y.shape[0] != 2:
+        raise ValueError(f"{op}: y must be [2, K, B, Cout, *T] with {r} spatial axes (the +eps and -eps "
+                         f"outputs), got shape {list(y.shape)}")
+    _check_target(y, target, op, "[B, Cout, *T]")
+    if probe_start < 0:
+        raise ValueError(f"{op}: probe_start must be >= 0, got {probe_start}")
+    _check_int64(colors, op, "colors")
+    _check_int64(boxes, op, "boxes")
+    if colors.dim() != 1 or colors.numel() != math.prod(in_shape):
+        raise ValueError(f"{op}: colors must be 1-D with prod(in_shape) = {math.prod(in_shape)} entries, got "
+                         f"shape {list(colors.shape)}")
+    positions = sum(in_shape[1:])
+    if boxes.shape != (2, positions):
+        raise ValueError(f"{op}: boxes must be [2, sum(S)] = [2, {positions}] (lo and hi per input position of "
+                         f"each axis), got shape {list(boxes.shape)}")
+    if channelwise and y.shape[3] != in_shape[0]:
+        raise ValueError(f"{op}: channelwise needs as many output channels as input channels, got "
+                         f"{y.shape[3]} and {in_shape[0]}")
+    if not values:
+        return
+    limit = torch.cat([torch.full((n,), t, device=boxes.device) for n, t in zip(in_shape[1:], y.shape[4:])])
+    lo, hi = boxes[0], boxes[1]
+    if bool(((lo <= hi) & ((lo < 0) | (hi >= limit))).any()):
+        raise ValueError(f"{op}: boxes hold an interval outside the output axis (out of range)")

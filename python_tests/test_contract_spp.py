@@ -1,6 +1,7 @@
 """hzo_ext::contract_spp (owners computed from the footprint geometry) against the owner-map
 contract and the pure-PyTorch reference, on colorings of real conv sub-networks."""
 import math
+import re
 
 import pytest
 import torch
@@ -105,26 +106,60 @@ def test_gradcheck(device):
     assert torch.autograd.gradcheck(lambda u, t: ops.contract_spp(u, t, *rest), (y, target))
 
 
-ERR = (ValueError, TypeError, RuntimeError)
-
-
-@pytest.mark.parametrize("change,match", [
-    (dict(eps=0.0), "eps must be positive"),
-    (dict(y=lambda a: a["y"].float()), "target dtype .* does not match y dtype"),
+ERR = (ValueError, TypeError)
+NAMES = ["y", "target", "colors", "probe_start", "boxes", "in_shape", "channelwise", "eps"]
+# (change to the good arguments, what the message must say): every check of prepare_contract_spp.
+BAD = [(dict(eps=e), "eps must be positive") for e in (0.0, -1e-3, float("nan"))] + [
+    (dict(target=lambda a: a["target"].to("meta")), "target is on meta but y is on cpu"),
+    (dict(colors=lambda a: a["colors"].to("meta")), "colors is on meta but y is on cpu"),
+    (dict(boxes=lambda a: a["boxes"].to("meta")), "boxes is on meta but y is on cpu"),
+    (dict(y=lambda a: a["y"].long()), "y must be a floating tensor"),
+    (dict(y=lambda a: a["y"].float()), "target dtype torch.float64 does not match y dtype torch.float32"),
     (dict(y=lambda a: a["y"][0]), r"y must be \[2, K, B, Cout, \*T\]"),
     (dict(target=lambda a: a["target"][:, :1]), r"target must be \[B, Cout, \*T\]"),
     (dict(colors=lambda a: a["colors"][1:]), "colors must be 1-D"),
-    (dict(colors=lambda a: a["colors"].int()), "colors must be int64"),
+    (dict(colors=lambda a: a["colors"].int()), "colors must be int64, got torch.int32"),
+    (dict(boxes=lambda a: a["boxes"].int()), "boxes must be int64, got torch.int32"),
     (dict(boxes=lambda a: a["boxes"][:, 1:]), r"boxes must be \[2, sum\(S\)\]"),
     (dict(boxes=lambda a: a["boxes"] + 100), "out of range"),
     (dict(in_shape=[3, 99]), "spatial axes"),
+    (dict(in_shape=[3, 0, 5]), r"in_shape sizes must be positive, got \[3, 0, 5\]"),
     (dict(channelwise=True), "channelwise needs as many output channels"),
     (dict(probe_start=-1), "probe_start must be >= 0"),
-])
-def test_bad_input(change, match):
-    names = ["y", "target", "colors", "probe_start", "boxes", "in_shape", "channelwise", "eps"]
-    args = dict(zip(names, _op_args()))
+]
+
+
+def _bad_args(change):
+    args = dict(zip(NAMES, _op_args()))
     for k, v in change.items():
         args[k] = v(args) if callable(v) else v
+    return [args[n] for n in NAMES]
+
+
+@pytest.mark.parametrize("change,match", BAD)
+def test_bad_input(change, match):
     with pytest.raises(ERR, match=match):
-        ops.contract_spp(*[args[n] for n in names])
+        ops.contract_spp(*_bad_args(change))
+
+
+@needs_ext
+@pytest.mark.parametrize("change,match", BAD)
+def test_errors_same_as_fallback(change, match):
+    # Same exception type and message from the compiled op and the fallback.
+    errors = []
+    for impl in (torch.ops.hzo_ext.contract_spp, _torch_impl.contract_spp):
+        with pytest.raises(Exception) as info:
+            impl(*_bad_args(change))
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+    assert errors[0][0] in ERR and re.search(match, errors[0][1]), errors[0]
+
+
+@pytest.mark.parametrize("K,B", [(0, 2), (3, 0), (0, 0)])
+def test_empty(K, B):
+    y, target, *rest = _op_args()
+    y, target = y[:, :K, :B], target[:B]
+    want = _torch_impl.contract_spp(y, target, *rest)
+    assert want.shape == (B, math.prod(rest[3])) and torch.all(want == 0)
+    if hzo_ext.has_extension():
+        assert torch.equal(torch.ops.hzo_ext.contract_spp(y, target, *rest), want)

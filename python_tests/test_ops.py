@@ -5,6 +5,7 @@ the fallback, the comparisons check the public wrappers and their argument error
 """
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -189,60 +190,151 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-# ---- bad input: errors that name the problem (same words on both paths) ----
+# ---- bad input: errors that name the problem (same type and words on both paths) ----
 
 def _good(device="cpu"):
     a = torch.randn(2, 3, device=device)
     return dict(a=a, colors=torch.arange(3, device=device), probe_ids=torch.tensor([0, 2], device=device),
                 y=torch.randn(2, 2, 2, 4, device=device), target=torch.randn(2, 4, device=device),
-                owner=torch.zeros(2, 4, dtype=torch.int64, device=device))
+                owner=torch.zeros(2, 4, dtype=torch.int64, device=device), eps=1e-3, num_inputs=3)
 
 
-ERR = (ValueError, TypeError, RuntimeError)
+ERR = (ValueError, TypeError)
+BAD_EPS = [0.0, -1e-3, float("nan"), float("inf")]
 
-
-@pytest.mark.parametrize("eps", [0.0, -1e-3, float("nan"), float("inf")])
-def test_bad_eps(eps):
-    g = _good()
-    with pytest.raises(ERR, match="eps must be positive and finite"):
-        ops.perturb(g["a"], g["colors"], g["probe_ids"], eps)
-    with pytest.raises(ERR, match="eps must be positive and finite"):
-        ops.contract(g["y"], g["target"], g["owner"], eps)
-
-
-@pytest.mark.parametrize("change,match", [
+# (change to the good arguments, what the message must say): every check of checks.cpp.
+PERTURB_BAD = [(dict(eps=e), "eps must be positive and finite") for e in BAD_EPS] + [
+    (dict(colors=torch.arange(3, device="meta")), "colors is on meta but a is on cpu"),
+    (dict(probe_ids=torch.tensor([0, 2], device="meta")), "probe_ids is on meta but a is on cpu"),
+    (dict(a=torch.randn(2, 3, device="meta")), "colors is on cpu but a is on meta"),
     (dict(a=torch.randn(2, 4)), "colors must be 1-D with prod.S. = 4"),
     (dict(a=torch.randn(3)), "a must be .B, .S."),
-    (dict(a=torch.arange(6).reshape(2, 3)), "a must be a floating tensor"),
-    (dict(colors=torch.arange(3).int()), "colors must be int64"),
+    (dict(a=torch.arange(6).reshape(2, 3)), "a must be a floating tensor .* got torch.int64"),
+    (dict(colors=torch.arange(3).int()), "colors must be int64, got torch.int32"),
+    (dict(probe_ids=torch.tensor([0.0])), "probe_ids must be int64, got torch.float32"),
     (dict(colors=torch.tensor([0, -2, 1])), "colors must be >= 0"),
     (dict(probe_ids=torch.tensor([[0, 1]])), "probe_ids must be 1-D"),
     (dict(probe_ids=torch.tensor([-1])), "probe_ids must be >= 0"),
-])
-def test_perturb_bad_input(change, match):
-    g = {**_good(), **change}
-    with pytest.raises(ERR, match=match):
-        ops.perturb(g["a"], g["colors"], g["probe_ids"], 1e-3)
+]
 
-
-@pytest.mark.parametrize("change,match", [
-    (dict(y=torch.randn(3, 2, 2, 4)), "y must be .2, K, B, .T."),
-    (dict(target=torch.randn(2, 5)), "target must be .B, .T."),
-    (dict(target=torch.randn(2, 4, dtype=torch.float64)), "target dtype"),
-    (dict(owner=torch.zeros(3, 4, dtype=torch.int64)), "owner must be .K, prod.T.. = .2, 4."),
+CONTRACT_BAD = [(dict(eps=e), "eps must be positive and finite") for e in BAD_EPS] + [
+    (dict(target=torch.randn(2, 4, device="meta")), "target is on meta but y is on cpu"),
+    (dict(owner=torch.zeros(2, 4, dtype=torch.int64, device="meta")), "owner is on meta but y is on cpu"),
+    (dict(y=torch.randn(3, 2, 2, 4)), r"y must be \[2, K, B, \*T\] .*got shape \[3, 2, 2, 4\]"),
+    (dict(y=torch.zeros(2, 2, 2, 4, dtype=torch.int64)), "y must be a floating tensor"),
+    (dict(target=torch.randn(2, 5)), r"target must be \[B, \*T\] = \[2, 4\]"),
+    (dict(target=torch.randn(2, 4, dtype=torch.float64)), "target dtype torch.float64 does not match y dtype"),
+    (dict(owner=torch.zeros(3, 4, dtype=torch.int64)), r"owner must be \[K, prod\(T\)\] = \[2, 4\]"),
     (dict(owner=torch.zeros(2, 4, dtype=torch.int32)), "owner must be int64"),
     (dict(owner=torch.full((2, 4), -2)), "owner entries must be >= -1"),
-])
-def test_contract_bad_input(change, match):
+]
+
+# contract_sized only: num_inputs.
+SIZED_BAD = [
+    (dict(num_inputs=-1), "num_inputs must be >= 0, got -1"),
+    (dict(owner=torch.full((2, 4), 3)), "owner entries must be < num_inputs = 3, found 3"),
+]
+
+
+def _perturb_args(change):
     g = {**_good(), **change}
+    return g["a"], g["colors"], g["probe_ids"], g["eps"]
+
+
+def _contract_args(change, sized):
+    g = {**_good(), **change}
+    return (g["y"], g["target"], g["owner"], g["eps"]) + ((g["num_inputs"],) if sized else ())
+
+
+@pytest.mark.parametrize("change,match", PERTURB_BAD)
+def test_perturb_bad_input(change, match):
     with pytest.raises(ERR, match=match):
-        ops.contract(g["y"], g["target"], g["owner"], 1e-3)
+        ops.perturb(*_perturb_args(change))
 
 
-def test_contract_owner_beyond_num_inputs():
-    g = _good()
-    with pytest.raises(ERR, match="owner entries must be < num_inputs = 1"):
-        ops.contract(g["y"], g["target"], torch.full((2, 4), 3), 1e-3, num_inputs=1)
+@pytest.mark.parametrize("change,match", CONTRACT_BAD)
+def test_contract_bad_input(change, match):
+    with pytest.raises(ERR, match=match):
+        ops.contract(*_contract_args(change, sized=False))
+
+
+@pytest.mark.parametrize("change,match", CONTRACT_BAD + SIZED_BAD)
+def test_contract_sized_bad_input(change, match):
+    y, target, owner, eps, num_inputs = _contract_args(change, sized=True)
+    with pytest.raises(ERR, match=match):
+        ops.contract(y, target, owner, eps, num_inputs=num_inputs)
+
+
+def _error(fn, args):
+    with pytest.raises(Exception) as info:
+        fn(*args)
+    return type(info.value), str(info.value)
+
+
+def assert_same_error(compiled, fallback, args, match):
+    """The compiled op and the fallback raise the same exception type with the same message."""
+    got, want = _error(compiled, args), _error(fallback, args)
+    assert got == want
+    assert got[0] in ERR and re.search(match, got[1]), got
+
+
+@needs_ext
+@pytest.mark.parametrize("change,match", PERTURB_BAD)
+def test_perturb_errors_same_as_fallback(change, match):
+    assert_same_error(torch.ops.hzo_ext.perturb, _torch_impl.perturb, _perturb_args(change), match)
+
+
+@needs_ext
+@pytest.mark.parametrize("change,match", CONTRACT_BAD)
+def test_contract_errors_same_as_fallback(change, match):
+    assert_same_error(torch.ops.hzo_ext.contract, _torch_impl.contract, _contract_args(change, False), match)
+
+
+@needs_ext
+@pytest.mark.parametrize("change,match", CONTRACT_BAD + SIZED_BAD)
+def test_contract_sized_errors_same_as_fallback(change, match):
+    assert_same_error(torch.ops.hzo_ext.contract_sized, _torch_impl.contract, _contract_args(change, True), match)
+
+
+@pytest.mark.parametrize("eps", [-1e-3, 0.0, -0.1, -1.0, -100.0, -1e-5, -1.5e-7, -123456.789, -1e16, -2.5e300,
+                                 -5e-324, float("nan"), float("inf"), float("-inf")])
+def test_eps_message_prints_the_value_passed(eps):
+    # Python's repr of the double given, on both paths: -1e-3 is "-0.001", no float32 digits.
+    impls = [_torch_impl.perturb] + ([torch.ops.hzo_ext.perturb] if hzo_ext.has_extension() else [])
+    for impl in impls:
+        _, message = _error(impl, _perturb_args(dict(eps=eps)))
+        assert message.endswith(f"eps must be positive and finite, got {eps!r}"), (impl, message)
+    if eps == -1e-3:
+        assert message.endswith("got -0.001")
+
+
+# ---- empty tensors: the compiled ops and the fallback give the same (empty or zero) results ----
+
+@pytest.mark.parametrize("B,S,K", [(0, (3,), 2), (2, (3,), 0), (2, (0,), 2), (0, (2, 0), 0)])
+def test_perturb_empty(B, S, K):
+    a = torch.randn(B, *S)
+    colors, probe_ids = torch.zeros(math.prod(S), dtype=torch.int64), torch.arange(K)
+    want = _torch_impl.perturb(a, colors, probe_ids, 1e-3)
+    assert want.shape == (2, K, B, *S)
+    if hzo_ext.has_extension():
+        assert torch.equal(torch.ops.hzo_ext.perturb(a, colors, probe_ids, 1e-3), want)
+
+
+@pytest.mark.parametrize("K,B,T", [(3, 0, (4,)), (0, 2, (4,)), (3, 2, (0,)), (0, 0, (2, 0))])
+@pytest.mark.parametrize("num_inputs", [None, 0, 5])
+def test_contract_empty(K, B, T, num_inputs):
+    Q = math.prod(T)
+    y, target = torch.randn(2, K, B, *T), torch.randn(B, *T)
+    owner = torch.randint(-1, 5, (K, Q), generator=torch.Generator().manual_seed(K * 7 + Q))
+    if num_inputs == 0:
+        owner.fill_(-1)
+    want = _torch_impl.contract(y, target, owner, 1e-3, num_inputs)
+    expect_n = int(owner.max()) + 1 if num_inputs is None and owner.numel() else (num_inputs or 0)
+    assert want.shape == (B, expect_n) and torch.all(want == 0)
+    if hzo_ext.has_extension():
+        got = (torch.ops.hzo_ext.contract(y, target, owner, 1e-3) if num_inputs is None
+               else torch.ops.hzo_ext.contract_sized(y, target, owner, 1e-3, num_inputs))
+        assert torch.equal(got, want)
 
 
 @pytest.mark.needs_cuda

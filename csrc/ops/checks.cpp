@@ -1,12 +1,42 @@
 #include "checks.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
+// The messages here and those of hzo_ext/_torch_impl.py (the fallback) are the same text and
+// exception type: ValueError (TORCH_CHECK_VALUE) for values, shapes and devices, TypeError
+// (TORCH_CHECK_TYPE) for dtypes; tensors' shapes print as [2, 4], dtypes as torch.float32.
 namespace hzo {
 
+// Python's repr of a float (the shortest form that parses back to v), so both paths print eps alike.
+static std::string py_float_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  int digits = 1;  // the fewest significant digits that parse back to v
+  for (;; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*e", digits - 1, v);
+    if (digits == 17 || std::strtod(buf, nullptr) == v) break;
+  }
+  const int exp10 = std::atoi(std::strchr(buf, 'e') + 1);
+  if (exp10 < -4 || exp10 >= 16) return buf;  // Python's repr: 1e-05, 1.5e+16
+  std::snprintf(buf, sizeof buf, "%.*f", std::max(digits - 1 - exp10, 0), v);
+  std::string s = buf;
+  return s.find('.') == std::string::npos ? s + ".0" : s;
+}
+
+static std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 void check_eps(double eps, const char* op) {
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be positive and finite, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, op, ": eps must be positive and finite, got ",
+                    py_float_repr(eps));
 }
 
 static int64_t features(const at::Tensor& t) {  // prod of all sizes but the first
@@ -16,69 +46,84 @@ static int64_t features(const at::Tensor& t) {  // prod of all sizes but the fir
 }
 
 static void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor (float16, bfloat16, float32, float64), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating tensor (float16, bfloat16, float32, float64), got ",
+                   dtype_name(t.scalar_type()));
 }
 
-static void check_index(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                        const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
-              " is on ", ref.device());
+// First of every check: an index tensor on another device (meta included) would be read as the
+// wrong kind of memory.
+static void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                         const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device());
+}
+
+static void check_int64(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                   dtype_name(t.scalar_type()));
+}
+
+// target [B, *T] matches y [2, K, B, *T] in dtype and shape (`layout` names the shape).
+static void check_target(const at::Tensor& y, const at::Tensor& target, const char* op, const char* layout) {
+  TORCH_CHECK_TYPE(target.scalar_type() == y.scalar_type(), op, ": target dtype ",
+                   dtype_name(target.scalar_type()), " does not match y dtype ", dtype_name(y.scalar_type()));
+  TORCH_CHECK_VALUE(target.sizes() == y.sizes().slice(2), op, ": target must be ", layout, " = ",
+                    y.sizes().slice(2), " to match y of shape ", y.sizes(), ", got shape ", target.sizes());
 }
 
 void check_perturb_args(const at::Tensor& a, const at::Tensor& colors, const at::Tensor& probe_ids,
                         double eps) {
   const char* op = "hzo_ext::perturb";
+  check_device(colors, a, op, "colors", "a");
+  check_device(probe_ids, a, op, "probe_ids", "a");
   check_eps(eps, op);
   check_floating(a, op, "a");
-  TORCH_CHECK(a.dim() >= 2, op, ": a must be [B, *S] with at least one feature dimension, got shape ",
-              a.sizes());
-  check_index(colors, a, op, "colors", "a");
-  check_index(probe_ids, a, op, "probe_ids", "a");
+  TORCH_CHECK_VALUE(a.dim() >= 2, op, ": a must be [B, *S] with at least one feature dimension, got shape ",
+                    a.sizes());
+  check_int64(colors, op, "colors");
+  check_int64(probe_ids, op, "probe_ids");
   const int64_t n = features(a);
-  TORCH_CHECK(colors.dim() == 1 && colors.numel() == n, op,
-              ": colors must be 1-D with prod(S) = ", n, " entries for a of shape ", a.sizes(),
-              ", got shape ", colors.sizes());
-  TORCH_CHECK(probe_ids.dim() == 1, op, ": probe_ids must be 1-D [K], got shape ", probe_ids.sizes());
+  TORCH_CHECK_VALUE(colors.dim() == 1 && colors.numel() == n, op,
+                    ": colors must be 1-D with prod(S) = ", n, " entries for a of shape ", a.sizes(),
+                    ", got shape ", colors.sizes());
+  TORCH_CHECK_VALUE(probe_ids.dim() == 1, op, ": probe_ids must be 1-D [K], got shape ", probe_ids.sizes());
   if (colors.numel() > 0) {
-    TORCH_CHECK(colors.min().item<int64_t>() >= 0, op, ": colors must be >= 0 (out of range)");
+    TORCH_CHECK_VALUE(colors.min().item<int64_t>() >= 0, op, ": colors must be >= 0 (out of range)");
   }
   if (probe_ids.numel() > 0) {
-    TORCH_CHECK(probe_ids.min().item<int64_t>() >= 0, op, ": probe_ids must be >= 0 (out of range)");
+    TORCH_CHECK_VALUE(probe_ids.min().item<int64_t>() >= 0, op, ": probe_ids must be >= 0 (out of range)");
   }
 }
 
 int64_t check_contract_args(const at::Tensor& y, const at::Tensor& target, const at::Tensor& owner,
                             double eps, std::optional<int64_t> num_inputs) {
   const char* op = num_inputs ? "hzo_ext::contract_sized" : "hzo_ext::contract";
+  check_device(target, y, op, "target", "y");
+  check_device(owner, y, op, "owner", "y");
   check_eps(eps, op);
   check_floating(y, op, "y");
-  TORCH_CHECK(y.dim() >= 4 && y.size(0) == 2, op,
-              ": y must be [2, K, B, *T] (the +eps and -eps outputs), got shape ", y.sizes());
-  TORCH_CHECK(target.device() == y.device(), op, ": target is on ", target.device(), " but y is on ",
-              y.device());
-  TORCH_CHECK(target.scalar_type() == y.scalar_type(), op, ": target dtype ", target.scalar_type(),
-              " does not match y dtype ", y.scalar_type());
-  TORCH_CHECK(target.dim() == y.dim() - 2 && target.sizes() == y.sizes().slice(2), op,
-              ": target must be [B, *T] = ", y.sizes().slice(2), " to match y of shape ", y.sizes(),
-              ", got shape ", target.sizes());
-  check_index(owner, y, op, "owner", "y");
+  TORCH_CHECK_VALUE(y.dim() >= 4 && y.size(0) == 2, op,
+                    ": y must be [2, K, B, *T] (the +eps and -eps outputs), got shape ", y.sizes());
+  check_target(y, target, op, "[B, *T]");
+  check_int64(owner, op, "owner");
   const int64_t K = y.size(1);
   const int64_t Q = features(target);
-  TORCH_CHECK(owner.dim() == 2 && owner.size(0) == K && owner.size(1) == Q, op,
-              ": owner must be [K, prod(T)] = [", K, ", ", Q, "], got shape ", owner.sizes());
+  TORCH_CHECK_VALUE(owner.dim() == 2 && owner.size(0) == K && owner.size(1) == Q, op,
+                    ": owner must be [K, prod(T)] = [", K, ", ", Q, "], got shape ", owner.sizes());
+  if (num_inputs) {
+    TORCH_CHECK_VALUE(*num_inputs >= 0, op, ": num_inputs must be >= 0, got ", *num_inputs);
+  }
   int64_t lo = -1, hi = -1;
   if (owner.numel() > 0) {
     auto [mn, mx] = at::aminmax(owner);
     lo = mn.item<int64_t>();
     hi = mx.item<int64_t>();
   }
-  TORCH_CHECK(lo >= -1, op, ": owner entries must be >= -1 (-1 = ignored), found ", lo, " (out of range)");
+  TORCH_CHECK_VALUE(lo >= -1, op, ": owner entries must be >= -1 (-1 = ignored), found ", lo, " (out of range)");
   if (!num_inputs) return hi + 1;
-  TORCH_CHECK(*num_inputs >= 0, op, ": num_inputs must be >= 0, got ", *num_inputs);
-  TORCH_CHECK(hi < *num_inputs, op, ": owner entries must be < num_inputs = ", *num_inputs, ", found ", hi,
-              " (out of range)");
+  TORCH_CHECK_VALUE(hi < *num_inputs, op, ": owner entries must be < num_inputs = ", *num_inputs, ", found ",
+                    hi, " (out of range)");
   return *num_inputs;
 }
 
@@ -86,22 +131,21 @@ ContractSppArgs prepare_contract_spp(const at::Tensor& y, const at::Tensor& targ
                                      int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
                                      bool channelwise, double eps) {
   const char* op = "hzo_ext::contract_spp";
+  check_device(target, y, op, "target", "y");
+  check_device(colors, y, op, "colors", "y");
+  check_device(boxes, y, op, "boxes", "y");
   check_eps(eps, op);
   check_floating(y, op, "y");
   const int64_t r = static_cast<int64_t>(in_shape.size()) - 1;
-  TORCH_CHECK(r >= 1 && r <= 3, op, ": in_shape must be [C, *S] with 1 to 3 spatial axes, got ", in_shape);
-  for (auto n : in_shape) TORCH_CHECK(n > 0, op, ": in_shape sizes must be positive, got ", in_shape);
-  TORCH_CHECK(y.dim() == 4 + r && y.size(0) == 2, op, ": y must be [2, K, B, Cout, *T] with ", r,
-              " spatial axes (the +eps and -eps outputs), got shape ", y.sizes());
-  TORCH_CHECK(target.device() == y.device(), op, ": target is on ", target.device(), " but y is on ",
-              y.device());
-  TORCH_CHECK(target.scalar_type() == y.scalar_type(), op, ": target dtype ", target.scalar_type(),
-              " does not match y dtype ", y.scalar_type());
-  TORCH_CHECK(target.sizes() == y.sizes().slice(2), op, ": target must be [B, Cout, *T] = ", y.sizes().slice(2),
-              " to match y of shape ", y.sizes(), ", got shape ", target.sizes());
-  TORCH_CHECK(probe_start >= 0, op, ": probe_start must be >= 0, got ", probe_start);
-  check_index(colors, y, op, "colors", "y");
-  check_index(boxes, y, op, "boxes", "y");
+  TORCH_CHECK_VALUE(r >= 1 && r <= 3, op, ": in_shape must be [C, *S] with 1 to 3 spatial axes, got ",
+                    in_shape);
+  for (auto n : in_shape) TORCH_CHECK_VALUE(n > 0, op, ": in_shape sizes must be positive, got ", in_shape);
+  TORCH_CHECK_VALUE(y.dim() == 4 + r && y.size(0) == 2, op, ": y must be [2, K, B, Cout, *T] with ", r,
+                    " spatial axes (the +eps and -eps outputs), got shape ", y.sizes());
+  check_target(y, target, op, "[B, Cout, *T]");
+  TORCH_CHECK_VALUE(probe_start >= 0, op, ": probe_start must be >= 0, got ", probe_start);
+  check_int64(colors, op, "colors");
+  check_int64(boxes, op, "boxes");
   BoxGeometry g;
   g.rank = static_cast<int>(r);
   g.C = in_shape[0];
@@ -115,21 +159,21 @@ ContractSppArgs prepare_contract_spp(const at::Tensor& y, const at::Tensor& targ
     g.axis_offset[slot] = positions;
     positions += g.S[slot];
   }
-  TORCH_CHECK(colors.dim() == 1 && colors.numel() == g.C * g.in_spatial(), op,
-              ": colors must be 1-D with prod(in_shape) = ", g.C * g.in_spatial(), " entries, got shape ",
-              colors.sizes());
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == 2 && boxes.size(1) == positions, op,
-              ": boxes must be [2, sum(S)] = [2, ", positions, "] (lo and hi per input position of each axis), "
-              "got shape ", boxes.sizes());
-  TORCH_CHECK(!channelwise || g.Cout == g.C, op, ": channelwise needs as many output channels as input "
-              "channels, got ", g.Cout, " and ", g.C);
+  TORCH_CHECK_VALUE(colors.dim() == 1 && colors.numel() == g.C * g.in_spatial(), op,
+                    ": colors must be 1-D with prod(in_shape) = ", g.C * g.in_spatial(), " entries, got shape ",
+                    colors.sizes());
+  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(0) == 2 && boxes.size(1) == positions, op,
+                    ": boxes must be [2, sum(S)] = [2, ", positions,
+                    "] (lo and hi per input position of each axis), got shape ", boxes.sizes());
+  TORCH_CHECK_VALUE(!channelwise || g.Cout == g.C, op, ": channelwise needs as many output channels as input "
+                    "channels, got ", g.Cout, " and ", g.C);
   // Every non-empty box must lie inside its axis: the kernels index y with it.
   std::vector<int64_t> limits;
   for (int64_t a = 0; a < r; ++a) limits.insert(limits.end(), in_shape[1 + a], y.size(4 + a));
   const auto limit = at::tensor(limits, boxes.options());
   const auto lo = boxes[0], hi = boxes[1];
   const bool outside = ((lo <= hi) & ((lo < 0) | (hi >= limit))).any().item<bool>();
-  TORCH_CHECK(!outside, op, ": boxes hold an interval outside the output axis (out of range)");
+  TORCH_CHECK_VALUE(!outside, op, ": boxes hold an interval outside the output axis (out of range)");
   ContractSppArgs args{y.contiguous(), target.contiguous(), colors.contiguous(), boxes.contiguous(), g};
   args.g.lo = args.boxes.data_ptr<int64_t>();
   args.g.hi = args.g.lo + args.boxes.size(1);

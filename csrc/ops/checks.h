@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA implementations of the hzo_ext ops.
-// Every message names the argument at fault.
+// Every message names the argument at fault; the fallback (hzo_ext/_torch_impl.py) raises the
+// same exception type with the same text, checking in the same order (devices first).
 #pragma once
 
 #include <ATen/ATen.h>
