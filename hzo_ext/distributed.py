@@ -257,7 +257,8 @@ def _common_dtype(params) -> torch.dtype:
 
 def _settings(est) -> dict:
     """The estimator's options that every rank must share."""
-    keys = ("eps", "eps_mode", "split", "spp", "chunk_size", "query_dtype", "num_samples", "seed", "check_samples")
+    keys = ("eps", "eps_mode", "split", "spp", "chunk_size", "query_dtype", "num_samples", "seed", "check_samples",
+            "mode")  # mode: SPSA's blocks setting
     out = {"estimator": type(est).__name__}
     for k in keys:
         if hasattr(est, k):
