@@ -12,6 +12,7 @@ Every +-eps perturbation and every Jacobian-target contraction goes through
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import operator
@@ -114,6 +115,7 @@ class Plan:
     itemsize: int
     chunk_size: int | None
     levels: tuple  # tuple[tuple[Split, ...], ...]
+    stage_names: tuple = ()  # "stage l (name: Type)" per stage, when the estimator knows them
 
     @property
     def num_stages(self) -> int:
@@ -142,8 +144,11 @@ class Plan:
     def __str__(self) -> str:
         mib = 1 / 2**20
         lines = [f"HZO plan: {self.num_stages} stages, split={self.policy}, batch {self.batch}, "
-                 f"chunk_size={self.chunk_size}",
-                 f"  loss head: {self.loss_evals // 2} probes, {self.loss_evals} loss evaluations"]
+                 f"chunk_size={self.chunk_size}"]
+        if self.stage_names:  # the cuts: a_l is the state after stage l
+            lines.append(f"  cuts: a_0 {list(self.shapes[0])} (input)")
+            lines += [f"        a_{l} {list(self.shapes[l])} after {name}" for l, name in enumerate(self.stage_names, 1)]
+        lines.append(f"  loss head: {self.loss_evals // 2} probes, {self.loss_evals} loss evaluations")
         for k, level in enumerate(self.levels):
             lines.append(f"  level {k}: {len(level)} splits, {sum(s.queries for s in level)} queries")
             for s in level:
@@ -577,8 +582,10 @@ class HZO(StageEstimator):
         return bisect_around_barriers
 
     def _build_plan(self, shapes, batch: int, itemsize: int) -> Plan:
-        return build_plan(shapes, batch, self._split_policy(shapes), self.chunk_size, itemsize,
+        plan = build_plan(shapes, batch, self._split_policy(shapes), self.chunk_size, itemsize,
                           probes=lambda m, j: self._split_coloring(m, j, shapes).num_colors)
+        names = tuple(stage_name(self.stages, l) for l in range(1, len(self.stages) + 1))
+        return dataclasses.replace(plan, stage_names=names)
 
     @torch.no_grad()
     def plan(self, x: torch.Tensor) -> Plan:

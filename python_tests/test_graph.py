@@ -179,6 +179,7 @@ def test_plan_names_the_traced_stages():
     model = FunctionalMLP().double()
     text = str(hzo_ext.HZO(model, nn.CrossEntropyLoss()).plan(torch.randn(2, 6, dtype=torch.float64)))
     assert "HZO plan: 5 stages" in text
+    assert "a_2 [8] after stage 2 (act: GELU)" in text and "a_4 [8] after stage 4 (act: GELU)" in text
 
 
 # ---- the cases that were silently wrong ------------------------------------------------------
