@@ -430,3 +430,32 @@ def test_deepzero_resnet_gets_spp_on_every_block_split(executor):
     est.backward(x, y)
     for k, g in hzo_ext.named_grads(model).items():  # SPP gives the dense result to round-off
         torch.testing.assert_close(g, g_dense[k], rtol=1e-8, atol=1e-10)
+
+
+# ---- the engines agree on traced models ----------------------------------------------------
+
+def _suite_models():
+    torch.manual_seed(0)
+    yield "resnet18", _randomise_bn(torchvision.models.resnet18(num_classes=5).double().eval()), _images(2, 3, 8)
+    yield "hand_resnet", _randomise_bn(HandResNet().double().eval()), _images(2, 3, 6)
+    yield "deepzero_resnet", _randomise_bn(DZResNet().double().eval()), _images(2, 3, 8)
+    yield "functional_mlp", FunctionalMLP().double(), (torch.randn(4, 6, dtype=torch.float64),
+                                                       torch.tensor([0, 1, 2, 3]))
+    yield "encoder", EncoderClassifier().double().eval(), (torch.randn(3, 4, 8, dtype=torch.float64),
+                                                          torch.tensor([0, 3, 1]))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "hand_resnet", "deepzero_resnet", "functional_mlp", "encoder"])
+def test_python_and_cpp_engines_agree_on_traced_models(name):
+    if not hzo_ext.has_extension():
+        pytest.skip("the C++ executor needs the compiled extension")
+    model, (x, y) = next((m, b) for n, m, b in _suite_models() if n == name)
+    grads = {}
+    for executor in ("python", "cpp"):
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=1e-6, split="chain", executor=executor).backward(x, y)
+        grads[executor] = hzo_ext.named_grads(model)
+    for k, g in grads["python"].items():
+        torch.testing.assert_close(grads["cpp"][k], g, rtol=1e-10, atol=1e-12)
