@@ -544,7 +544,7 @@ class HZO(StageEstimator):
         if self.spp is True or (self.spp == "auto" and len(shapes[m]) >= 2):
             names = [stage_name(self.stages, l) for l in range(m + 1, j + 1)]
             try:
-                colored = spp_geometry.coloring_for(self.stages[m:j], shapes[m], shapes[j], names)
+                colored = spp_geometry.coloring_for(self.stages[m:j], shapes[m], shapes[j], names, shapes[m:j])
             except spp_geometry.NoFootprint as why:
                 if self.spp is True:
                     raise ValueError(f"spp=True: split at a_{m} (right sub-network stages {m + 1}..{j}) cannot be "

@@ -21,10 +21,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 import time
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import _ext
@@ -87,6 +89,22 @@ _BATCHNORM_RANKS = {nn.BatchNorm1d: [2, 3], nn.BatchNorm2d: [4], nn.BatchNorm3d:
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+def _copy_in(fn):
+    """Python code called from C++ gets a copy of its input: it may write it in place, and the
+    input may be a clean activation that later probes read. That keeps the model's meaning only
+    where nothing else reads the input afterwards: Python modules whose input another branch
+    also reads (the first module of a residual branch or shortcut) are not lowered around (see
+    ``_first_runs_in_python``); the enclosing block runs in Python instead."""
+    return lambda a: fn(a.clone())
+
+
+def _first_runs_in_python(mod: nn.Module, python: list) -> bool:
+    """The first module ``mod`` runs on its input is one lowering left to Python."""
+    while _stock(mod, nn.Sequential) and len(mod):
+        mod = mod[0]
+    return any(m is mod for m in python)
+
+
 def _hooked(mod: nn.Module) -> bool:
     return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks)
 
@@ -110,7 +128,7 @@ def _node(mod: nn.Module, callback, watch: list, python: list):
 
     def fallback():
         python.append(mod)
-        return Node("callback", [], [], [], "", [], callback(mod))
+        return Node("callback", [], [], [], "", [], _copy_in(callback(mod)))
 
     if _hooked(mod):
         watch.append((mod, False))
@@ -124,15 +142,118 @@ def _node(mod: nn.Module, callback, watch: list, python: list):
     return node
 
 
+# Functions of traced pieces that are a module's forward: lowered as that module.
+_FUNCTION_MODULES = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, torch.tanh: nn.Tanh,
+                     "tanh": nn.Tanh, torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.silu: nn.SiLU,
+                     F.gelu: nn.GELU, F.hardswish: nn.Hardswish, F.mish: nn.Mish}
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+def _writes_input(n: fx.Node) -> bool:
+    """An in-place call (``x.add_(1)``, ``F.relu(x, inplace=True)``, ``x += 1``)."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return bool(n.kwargs.get("inplace")) or (name.endswith("_") and not name.startswith("_")) or (
+        n.op == "call_function" and name.startswith("i") and getattr(operator, name, None) is n.target)
+
+
+def _function_module(n: fx.Node) -> nn.Module | None:
+    """The module whose forward is the call n on its first argument (extra arguments: only
+    GELU's approximate and the in-place flags, which lowering ignores), or None."""
+    cls = _FUNCTION_MODULES.get(n.target) if n.op in ("call_function", "call_method") else None
+    if cls is None or len(n.args) != 1 or set(n.kwargs) - {"inplace", "approximate"}:
+        return None
+    return cls(approximate=n.kwargs.get("approximate", "none")) if cls is nn.GELU else cls()
+
+
+def _lower_piece(stage, callback, watch: list, python: list):
+    """The node of a traced piece (graph.GraphStage) made of module calls, lowerable functions
+    and sums of two branches from one value (residual blocks), or None (the piece runs in
+    Python). Nodes it cannot lower that have one state input run as one-node callbacks."""
+    from . import _C
+    from .graph import GraphStage, _piece_graph
+    Node = _C.ExecNode
+    g = stage.piece.graph
+    x = next(n for n in g.nodes if n.op == "placeholder")
+    out = next(n for n in g.nodes if n.op == "output").args[0]
+    state = {x}
+    for n in g.nodes:
+        if n.op not in ("placeholder", "output") and any(a in state for a in n.all_input_nodes):
+            state.add(n)
+    ops: dict = {}  # state node -> (its one state input or the two added ones, its node or None)
+    for n in g.nodes:
+        if n not in state or n is x:
+            continue
+        ins = [a for a in n.all_input_nodes if a in state]
+        if n.target in _ADDS and len(ins) == 2 and len(n.args) == 2 and not n.kwargs:
+            ops[n] = (tuple(ins), None)
+        elif len(ins) != 1:
+            return None  # a value from several (products, cat, sizes): the piece runs in Python
+        elif _writes_input(n) and len(ins[0].users) > 1:
+            return None  # in place on a value other nodes read (x.relu_(); b(x)): the piece runs in Python
+        elif n.op == "call_module" and n.args == (ins[0],) and not n.kwargs:
+            sub = stage.piece.get_submodule(n.target)
+            ops[n] = (ins[0], _node(sub, callback, watch, python))
+            if len(ins[0].users) > 1 and _first_runs_in_python(sub, python):
+                return None  # Python code on a value other nodes read: the piece runs in Python
+        elif _function_module(n) is not None:
+            ops[n] = (ins[0], _native(_function_module(n), callback, watch, python))
+        else:  # one node in Python: slicing, padding, other functions
+            one = GraphStage(stage.piece, _piece_graph(ins[0], [n]), n.name)
+            python.append(one)
+            ops[n] = (ins[0], Node("callback", [], [], [], "", [], _copy_in(callback(one))))
+
+    def ancestors(v):  # v and the values it is computed from, nearest first, along first inputs
+        chain = [v]
+        while chain[-1] is not x:
+            src = ops[chain[-1]][0]
+            chain.append(src[0] if isinstance(src, tuple) else src)
+        return chain
+
+    def chain(nodes):
+        return Node("seq", [], [], [], "", nodes, None) if nodes else Node("identity", [], [], [], "", [], None)
+
+    def seq(v, base) -> list:  # the nodes computing v from base (None inside: not lowerable)
+        nodes = []
+        while v is not base:
+            src, node = ops[v]
+            if isinstance(src, tuple):  # v = a + b: a residual block on their nearest common value
+                a, b = src
+                common = next(c for c in ancestors(a) if c in set(ancestors(b)))
+                branch, skip = seq(a, common), seq(b, common)
+                if not branch:  # (common) + b: the same sum, the other way round
+                    branch, skip = skip, branch
+                node = None if None in branch + skip else Node(
+                    "residual", [], [], [], "", [chain(branch)] + ([chain(skip)] if skip else []), None)
+                v = common
+            else:
+                v = src
+            nodes.append(node)
+        return nodes[::-1]
+
+    try:
+        nodes = seq(out, x)
+    except (KeyError, StopIteration):  # a value not computed from x along the recorded inputs
+        return None
+    if None in nodes:
+        return None
+    return Node("seq", [], [], [], "", nodes, None)
+
+
 def _native(mod: nn.Module, callback, watch: list, python: list):
     """The node of a standard module, calling the ATen op its forward calls, or None."""
     from . import _C
+    from .graph import GraphStage
     Node = _C.ExecNode
+    if isinstance(mod, GraphStage):
+        return _lower_piece(mod, callback, watch, python)
     if _stock(mod, nn.Sequential):
         return Node("seq", [], [], [], "", [_node(c, callback, watch, python) for c in mod if c is not None], None)
     if _stock(mod, ResidualBlock):
         kids = [mod.module] + ([] if mod.shortcut is None else [mod.shortcut])
-        return Node("residual", [], [], [], "", [_node(c, callback, watch, python) for c in kids], None)
+        nodes = [_node(c, callback, watch, python) for c in kids]
+        if any(_first_runs_in_python(c, python) for c in kids):
+            return None  # it may write the input the other path reads: the block runs in Python
+        return Node("residual", [], [], [], "", nodes, None)
     if _stock(mod, nn.Linear):
         return Node("linear", [mod.weight, mod.bias], [], [], "", [], None)
     for cls, nd in _CONVS.items():

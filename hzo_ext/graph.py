@@ -53,20 +53,38 @@ class GraphStage(nn.Module):
         super().__init__()
         self.piece = fx.GraphModule(root, graph)
         self.label = label
-        self.in_shape = None  # per-sample input shape of the last call (for the SPP geometry)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.in_shape = tuple(x.shape[1:])
         return self.piece(x)
 
     def extra_repr(self) -> str:
         return self.label
 
 
+def _settings(m: nn.Module) -> tuple:
+    """A torch module's plain attributes (stride, padding, negative_slope, training, ...), what
+    footprints and lowering read; other modules run their own Python, which reads them anew."""
+    if not type(m).__module__.startswith("torch."):
+        return ()
+    return tuple((k, v) for k, v in m.__dict__.items() if not k.startswith("_") and _is_setting(v))
+
+
+def _is_setting(v) -> bool:
+    if isinstance(v, tuple):
+        return all(map(_is_setting, v))
+    return isinstance(v, (bool, int, float, str, type(None)))
+
+
 def signature(model) -> tuple:
-    """Changes when the module tree or a parameter's shape changes (what the stages depend on)."""
+    """Changes when what the stages, their geometry or their lowering were made from changes: the
+    module tree, each module's parameters and buffers (identity and shape) and a torch module's
+    settings (stride, padding, negative_slope, training, ...). In-place updates of values
+    (optimizer steps, load_state_dict) keep it."""
     mods = model if isinstance(model, (list, tuple)) else [model]
-    return tuple((name, id(m), type(m), tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)))
+    return tuple((name, id(m), type(m),
+                  tuple((n, id(t), tuple(t.shape)) for d in (m._parameters, m._buffers) for n, t in d.items()
+                        if t is not None),
+                  _settings(m))
                  for top in mods if isinstance(top, nn.Module)
                  for name, m in top.named_modules(remove_duplicate=False))
 
@@ -165,7 +183,7 @@ def stages_of(model: nn.Module) -> Stages:
     nodes = list(graph.nodes)
     out = next(n for n in nodes if n.op == "output").args[0]
     if not isinstance(out, fx.Node):
-        raise TypeError(f"{type(model).__name__}.forward returns a {type(out).__name__}; the estimators need "
+        raise TypeError(f"{type(model).__name__}.forward returns {type(out).__name__}; the estimators need "
                         f"one tensor [B, ...]")
 
     # Values that depend on x are state; the rest (parameters, constants) are recomputed per piece.

@@ -165,6 +165,18 @@ def footprint_of(mod: nn.Module, in_sizes: tuple[int, ...], where: str = "module
         raise NoFootprint(f"{where} ({type(mod).__name__})", e.why) from None
 
 
+_HARMLESS_OVERRIDES = {"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__"}
+
+
+def _overridden_methods(mod: nn.Module) -> list[str]:
+    """Methods that classes outside torch and hzo_ext define over a torch/hzo_ext base's (a
+    Conv2d subclass with its own forward or _conv_forward): the base's footprint does not hold."""
+    mro = type(mod).__mro__
+    base = next(c for c in mro if c.__module__.startswith(("torch.", "hzo_ext.")))
+    return sorted({name for c in mro[:mro.index(base)] for name, v in vars(c).items()
+                   if callable(v) and hasattr(base, name) and name not in _HARMLESS_OVERRIDES})
+
+
 def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footprint:
     r = len(in_sizes)
     custom = getattr(mod, "spp_footprint", None)
@@ -174,13 +186,14 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
             raise NoFootprint(f"{where} ({type(mod).__name__})", f"spp_footprint declares no footprint")
         return fp
     from .graph import GraphStage
-    if isinstance(mod, GraphStage):
-        if mod.in_shape is None or tuple(mod.in_shape[1:]) != tuple(in_sizes):
-            raise NoFootprint(f"{where} (GraphStage)", "not run on inputs of these sizes yet")
-        return graph_footprint(mod.piece, mod.in_shape, where)
-    if not getattr(type(mod).forward, "__module__", "").startswith(("torch.", "hzo_ext.")):
-        raise NoFootprint(f"{where} ({type(mod).__name__})", "its class overrides forward (declare spp_footprint "
-                                                             "to color through it)")
+    if isinstance(mod, GraphStage):  # chain_footprint follows it, given its input's channels
+        raise NoFootprint(f"{where} (GraphStage)", "a traced piece inside a module")
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        raise NoFootprint(f"{where} ({type(mod).__name__})", "it has forward hooks (they may change what it computes)")
+    overridden = _overridden_methods(mod)
+    if overridden:
+        raise NoFootprint(f"{where} ({type(mod).__name__})", f"its class overrides {', '.join(overridden)} "
+                                                             f"(declare spp_footprint to color through it)")
     if isinstance(mod, nn.Sequential):
         fp = Footprint.identity(in_sizes)
         for name, child in mod.named_children():
@@ -440,11 +453,13 @@ class SpatialColoring:
 
 
 def coloring_for(modules: Sequence[nn.Module], in_shape: Sequence[int], out_shape: Sequence[int],
-                 names: Sequence[str] | None = None) -> SpatialColoring:
+                 names: Sequence[str] | None = None, in_shapes: Sequence[Sequence[int]] | None = None
+                 ) -> SpatialColoring:
     """SPP coloring of the chain ``modules`` from per-sample shape ``in_shape`` [C, *S] to
     ``out_shape`` [C', *T] (or [C'] after global pooling and Flatten); raises NoFootprint
-    (naming the module) when it is not local."""
-    fp = chain_footprint(modules, in_shape, names)
+    (naming the module) when it is not local. ``in_shapes``: each module's per-sample input
+    shape (needed to follow traced pieces, ``graph.GraphStage``)."""
+    fp = chain_footprint(modules, in_shape, names, in_shapes)
     flat_ok = len(out_shape) == 1 and all(n == 1 for n in fp.out_sizes)  # [C', 1, .., 1] flattened
     if not flat_ok and (len(out_shape) != len(in_shape) or fp.out_sizes != tuple(out_shape[1:])):
         raise NoFootprint("sub-network", f"the geometry predicts spatial output {fp.out_sizes}, the model gives "
@@ -453,13 +468,20 @@ def coloring_for(modules: Sequence[nn.Module], in_shape: Sequence[int], out_shap
 
 
 def chain_footprint(modules: Sequence[nn.Module], in_shape: Sequence[int],
-                    names: Sequence[str] | None = None) -> Footprint:
-    """The footprint of the chain ``modules`` on per-sample inputs ``in_shape`` [C, *S]."""
+                    names: Sequence[str] | None = None, in_shapes: Sequence[Sequence[int]] | None = None
+                    ) -> Footprint:
+    """The footprint of the chain ``modules`` on per-sample inputs ``in_shape`` [C, *S]
+    (``in_shapes``: each module's own input shape, for traced pieces)."""
+    from .graph import GraphStage
     if len(in_shape) < 2:
         raise NoFootprint("sub-network", f"its input {tuple(in_shape)} has no spatial axes ([C, *spatial])")
     fp = Footprint.identity(in_shape[1:])
     for k, mod in enumerate(modules):
-        fp = fp.then(footprint_of(mod, fp.out_sizes, names[k] if names else f"module {k}"))
+        where = names[k] if names else f"module {k}"
+        if isinstance(mod, GraphStage) and in_shapes is not None:
+            fp = fp.then(graph_footprint(mod.piece, in_shapes[k], where))
+        else:
+            fp = fp.then(footprint_of(mod, fp.out_sizes, where))
     return fp
 
 
@@ -470,6 +492,6 @@ def is_barrier(module: nn.Module, in_shape: Sequence[int]) -> bool:
     if len(in_shape) < 2:
         return False
     try:
-        return chain_footprint([module], in_shape).is_global
+        return chain_footprint([module], in_shape, in_shapes=[in_shape]).is_global
     except NoFootprint:
         return True

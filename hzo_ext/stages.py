@@ -137,16 +137,18 @@ def coupling_tolerance(dtype: torch.dtype) -> float:
 
 
 def stacked_variants(a: torch.Tensor):
-    """[a; b] for a few far-away b, as the probes stack their copies after the batch: a copy
-    moved up and one moved down by a shift that differs per coordinate (a uniform shift is
-    invisible to softmax-like ops), and zeros. Any dependence of a row's output on the other
-    rows (batch statistics, a mean or median over the batch) shows in the first rows, whatever
-    the batch size, one included."""
-    n = a[0].numel()
+    """(stacked, rows): the batch a stacked with far-away rows b, as the probes stack copies,
+    and where a's rows are. b: a copy moved up and one moved down by a shift that differs per
+    coordinate (a uniform shift is invisible to softmax-like ops), and zeros; each after the
+    batch and before it. Any dependence of a row's output on the other rows or on its position
+    (batch statistics, a mean or median over the batch, a weight per row index) shows in a's
+    rows, whatever the batch size, one included."""
+    n, B = a[0].numel(), a.shape[0]
     ramp = torch.linspace(1.0, 2.0, n, dtype=a.dtype, device=a.device).reshape(a.shape[1:])
     shift = 2.0 * (a.abs().max() + 1.0) * ramp
     for b in (a + shift, a - shift, torch.zeros_like(a)):
-        yield torch.cat([a, b])
+        yield torch.cat([a, b]), slice(0, B)
+        yield torch.cat([b, a]), slice(B, 2 * B)
 
 
 def changed_rows(again: torch.Tensor, out: torch.Tensor) -> bool:
@@ -166,16 +168,25 @@ def check_stages_dynamic(stages: Sequence[nn.Module], acts: Sequence[torch.Tenso
         if not torch.equal(again, out) and not torch.allclose(again, out, rtol=1e-6, atol=0):
             raise ValueError(f"{stage_name(stages, l)} is not deterministic: two evaluations of the same "
                              f"input differ, so finite differences through it are noise "
-                             f"(fix its seed or call .eval())")
-        if any(changed_rows(stages[l - 1](stacked)[:a.shape[0]], out) for stacked in stacked_variants(a)):
-            raise ValueError(f"{stage_name(stages, l)} mixes samples: stacking other samples after the batch "
+                             f"(fix its seed, call .eval(), or pass training=self.training to "
+                             f"functional dropout)")
+        if any(changed_rows(stages[l - 1](stacked)[rows], out) for stacked, rows in stacked_variants(a)):
+            raise ValueError(f"{stage_name(stages, l)} mixes samples: stacking other samples with the batch "
                              f"changed the batch's outputs (batch statistics, a mean or median over the "
-                             f"batch); stages must treat samples independently")
+                             f"batch, a dependence on the row index); stages must treat samples independently")
 
 
 # ---- the loss, evaluated per sample ------------------------------------------------------
 
 _CLASS_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def _call_loss(fn, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    try:
+        return fn(z, y)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ValueError(f"the loss failed on the model's output of shape {tuple(z.shape)} ({z.dtype}) and y of "
+                         f"shape {tuple(y.shape)} ({y.dtype}): {exc}") from exc
 
 
 class LossHead:
@@ -227,7 +238,7 @@ class LossHead:
     def per_sample(self, z: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         """Scaled per-sample losses [N] for logits z [N, ...] and targets y [N, ...]; the scale
         comes from the first ``batch`` rows (the real batch) when copies are stacked."""
-        raw = self.unreduced(z, y)
+        raw = _call_loss(self.unreduced, z, y)
         if not isinstance(raw, torch.Tensor) or raw.dim() == 0 or raw.shape[0] != z.shape[0]:
             shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
             raise ValueError(f"the loss must give one value per sample ([{z.shape[0]}, ...]), got {shape}; "
@@ -245,16 +256,18 @@ class LossHead:
         if self.reduced is not None or key in self._coupling_checked:
             return
         raw, n, ys = self.per_sample(z, y), z.shape[0], torch.cat([y, y])
-        if any(changed_rows(self.per_sample(stacked, ys, batch=n)[:n], raw) for stacked in stacked_variants(z)):
-            raise ValueError("the loss callable mixes samples: stacking other samples after the batch changed "
-                             "the batch's per-sample losses (a mean, median or normalisation over the batch); "
-                             "it must compute each sample's loss from that sample alone")
+        for stacked, rows in stacked_variants(z):
+            if changed_rows(self.per_sample(stacked, ys, batch=n)[rows], raw):
+                raise ValueError("the loss callable mixes samples: stacking other samples with the batch changed "
+                                 "the batch's per-sample losses (a mean, median or normalisation over the batch, "
+                                 "a dependence on the row index); it must compute each sample's loss from that "
+                                 "sample alone")
         self._coupling_checked.add(key)
 
     def total(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss as the user's loss_fn defines it (0-dim)."""
         if self.reduced is not None:
-            return self.reduced(z, y)
+            return _call_loss(self.reduced, z, y)
         return self.per_sample(z, y).sum()
 
     @torch.no_grad()
@@ -287,6 +300,9 @@ def check_batch(x, y, stages: Sequence[nn.Module]) -> None:
     bad = x.numel() - int(torch.isfinite(x).sum())
     if bad:
         raise ValueError(f"x has {bad} non-finite values (inf/nan); gradients through them are nan")
+    bad = 0 if y is None or not y.is_floating_point() else y.numel() - int(torch.isfinite(y).sum())
+    if bad:
+        raise ValueError(f"y has {bad} non-finite values (inf/nan); the loss and its gradient would be nan")
     for l, stage in enumerate(stages, start=1):
         for name, p in stage.named_parameters():
             if p.is_floating_point() and p.dtype != x.dtype:
