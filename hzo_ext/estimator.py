@@ -300,6 +300,7 @@ class StageEstimator:
         self.check_samples = check_samples
         self._dynamic_checked: set = set()
         self._no_vmap: set = set()  # black-box stages that cannot run under torch.vmap
+        self._step_warnings: set = set()  # (what, zone) warned about by numerics.check_step
         self.last_stats = EstimateStats()
         distributed.attach(self, process_group, query_parallel, can_query_parallel=True)
 
@@ -319,11 +320,11 @@ class StageEstimator:
         self._dynamic_checked.clear()
         self._no_vmap.clear()
 
-    def _step(self, a: torch.Tensor) -> float:
+    def _step(self, a: torch.Tensor, rms: float | None = None) -> float:
         """eps for perturbing a: absolute, or eps * rms(a) with eps_mode='relative'."""
         if self.eps_mode == "absolute":
             return self.eps
-        rms = a.double().pow(2).mean().sqrt().item()
+        rms = a.double().pow(2).mean().sqrt().item() if rms is None else rms
         return self.eps * rms if rms > 0 and math.isfinite(rms) else self.eps
 
     def _prepare(self, x, y):
@@ -335,10 +336,11 @@ class StageEstimator:
 
     def _check_steps(self, acts, cuts) -> None:
         """eps against the probe dtype's resolution at the scale of every perturbed a_m (m in cuts)."""
-        L = len(acts) - 1
-        for m in sorted(set(cuts)):
+        L, cuts = len(acts) - 1, sorted(set(cuts))
+        dtype = self._probe_dtype or acts[0].dtype
+        for m, (amax, rms) in zip(cuts, numerics.scales(acts[m] for m in cuts)):
             what = f"the logits a_{L} (loss head)" if m == L else f"a_{m} (output of {stage_name(self.stages, m)})"
-            numerics.check_step(self._step(acts[m]), self._qcast(acts[m]), what)
+            numerics.check_step_at(self._step(acts[m], rms), amax, rms, dtype, what, warned=self._step_warnings)
 
     def _clean_forward(self, x: torch.Tensor):
         """a_0..a_L (detached), and each differentiable stage's output with its local graph
@@ -455,7 +457,7 @@ class StageEstimator:
         P = flat.shape[1]
         eps = stage.eps if stage.eps is not None else self._step(flat)
         numerics.check_step(eps, flat, f"the parameters of {stage_name(self.stages, l)}",
-                            "BlackBox eps" if stage.eps is not None else "eps")
+                            "BlackBox eps" if stage.eps is not None else "eps", warned=self._step_warnings)
         colors = ops.dense_colors(P, device=flat.device)
         chunk = P if self.chunk_size is None else self.chunk_size
         total = torch.zeros(P, dtype=flat.dtype, device=flat.device)

@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-__all__ = ["LOW_PRECISION", "probe_dtype", "check_query_dtype", "balanced_step", "check_step"]
+__all__ = ["LOW_PRECISION", "probe_dtype", "check_query_dtype", "balanced_step", "scales", "check_step",
+           "check_step_at"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ROUNDOFF_WARN = 20.0  # warn when eps is within this many spacings of a's largest values
@@ -48,27 +49,47 @@ def balanced_step(dtype: torch.dtype, scale: float) -> float:
 
 
 @torch.no_grad()
-def check_step(eps: float, a: torch.Tensor, what: str, option: str = "eps") -> None:
+def scales(tensors) -> list[tuple[float, float]]:
+    """(max |a|, rms(a)) of each tensor, read back with one synchronisation."""
+    tensors = [t for t in tensors]
+    if not tensors:
+        return []
+    stats = torch.stack([torch.stack([t.detach().abs().amax().double(),
+                                      torch.linalg.vector_norm(t.detach(), dtype=torch.float64)
+                                      / math.sqrt(t.numel())]) if t.numel() else t.new_zeros(2, dtype=torch.float64)
+                         for t in tensors])
+    return [tuple(row) for row in stats.tolist()]
+
+
+def check_step(eps: float, a: torch.Tensor, what: str, option: str = "eps", warned: set | None = None) -> None:
     """Refuse an eps below the resolution of a's dtype at a's scale; warn when round-off or
-    truncation dominates. ``what`` names the perturbed tensor, ``option`` the argument to change."""
-    if a.numel() == 0:
-        return
-    amax = a.abs().max().item()
-    rms = a.double().pow(2).mean().sqrt().item()
+    truncation dominates. ``what`` names the perturbed tensor, ``option`` the argument to change;
+    ``warned``: the (what, zone) already warned about, once each (a training loop is not flooded)."""
+    check_step_at(eps, *scales([a])[0], a.dtype, what, option, warned)
+
+
+def check_step_at(eps: float, amax: float, rms: float, dtype: torch.dtype, what: str, option: str = "eps",
+                  warned: set | None = None) -> None:
+    """``check_step`` for a tensor of dtype ``dtype`` with max |a| ``amax`` and rms ``rms``."""
     if not (math.isfinite(amax) and amax > 0):
         return  # all zero (or non-finite, which the finiteness checks report): no scale to judge
-    spacing = torch.finfo(a.dtype).eps * amax
-    suggest = balanced_step(a.dtype, rms)
-    scale = f"max |value| {amax:.3g}, rms {rms:.3g}, {a.dtype} spacing there {spacing:.3g}"
+    spacing = torch.finfo(dtype).eps * amax
+    suggest = balanced_step(dtype, rms)
+    scale = f"max |value| {amax:.3g}, rms {rms:.3g}, {dtype} spacing there {spacing:.3g}"
     if eps <= spacing:
-        raise ValueError(f"{option}={eps!r} is below the resolution of {a.dtype} at the scale of {what} "
+        raise ValueError(f"{option}={eps!r} is below the resolution of {dtype} at the scale of {what} "
                          f"({scale}): a +- eps rounds to a and the estimate would be zero or noise; "
                          f"use {option} of about {suggest:g}")
-    if eps < ROUNDOFF_WARN * spacing:
-        warnings.warn(f"{option}={eps!r} is within {ROUNDOFF_WARN:g} spacings of {a.dtype} at the scale of "
+    zone = "round-off" if eps < ROUNDOFF_WARN * spacing else "truncation" if eps > TRUNCATION_WARN * rms else None
+    if zone is None or (warned is not None and (what, zone) in warned):
+        return
+    if warned is not None:
+        warned.add((what, zone))
+    if zone == "round-off":
+        warnings.warn(f"{option}={eps!r} is within {ROUNDOFF_WARN:g} spacings of {dtype} at the scale of "
                       f"{what} ({scale}): round-off dominates the finite difference; "
-                      f"{option} of about {suggest:g} balances round-off and truncation", stacklevel=2)
-    elif eps > TRUNCATION_WARN * rms:
+                      f"{option} of about {suggest:g} balances round-off and truncation", stacklevel=3)
+    else:
         warnings.warn(f"{option}={eps!r} is large against {what} ({scale}): truncation dominates the "
                       f"finite difference; {option} of about {suggest:g} balances round-off and "
-                      f"truncation", stacklevel=2)
+                      f"truncation", stacklevel=3)

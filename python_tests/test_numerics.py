@@ -168,3 +168,16 @@ def test_per_sample_loss_callable_accepted():
     def ce(z, y):
         return F.cross_entropy(z, y, reduction="none")
     assert min_cosine(model, ce, x, y, hzo_ext.HZO(model, ce)) > 0.9999
+
+
+def test_step_warning_once_per_estimator_and_activation():
+    model = _mlp(torch.float32)
+    x, y = batch(n=4, dtype=torch.float32)
+    est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=0.5)
+    with pytest.warns(UserWarning, match="truncation") as first:
+        est.backward(x, y)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            est.backward(x, y)
+    assert len(first) >= 1 and not [w for w in later if "truncation" in str(w.message)]
