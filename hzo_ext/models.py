@@ -1,9 +1,11 @@
-"""Models made of stages the estimators accept (a chain; residual blocks are one stage)."""
+"""Models for the command, tests and benchmarks: chains of stages, and DeepZero's ResNet written as its
+authors wrote it (traced by the estimators)."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .stages import ResidualBlock
@@ -54,6 +56,64 @@ def resnet20_cifar(num_classes: int = 10, width: int = 16, in_channels: int = 3)
             stages.append(_conv_block(c_in, c_out, stride=2 if group > 0 and block == 0 else 1, branch_scale=0.3))
             c_in = c_out
     return nn.Sequential(*stages, *_head(c_in, num_classes))
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class DeepZeroBlock(nn.Module):
+    """The CIFAR ResNet BasicBlock as DeepZero (after akamaster's pytorch_resnet_cifar10) writes
+    it: BatchNorm, functional ReLU, an in-place residual add, the option-A shortcut (strided
+    slicing and zero channel padding in a lambda)."""
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != planes:
+            pad = planes // 4
+            self.shortcut = _Lambda(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class DeepZeroResNet(nn.Module):
+    """DeepZero's CIFAR ResNet (ResNet-20 for blocks=(3, 3, 3)), an ordinary nn.Module with a
+    functional forward: the estimators trace it (hzo_ext.graph). Use it in eval mode (BatchNorm
+    with running statistics: the samples stay independent)."""
+
+    def __init__(self, blocks=(3, 3, 3), width: int = 16, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, c_in = [], width
+        for k, n in enumerate(blocks):
+            planes = width * 2 ** k
+            for b in range(n):
+                layers.append(DeepZeroBlock(c_in, planes, 2 if k and b == 0 else 1))
+                c_in = planes
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.avg_pool2d(out, out.size()[3])
+        out = out.view(out.size(0), -1)
+        return self.linear(out)
 
 
 ACTIVATIONS = {"linear": nn.Identity, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}

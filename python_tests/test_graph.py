@@ -10,6 +10,7 @@ from torch import nn
 
 import hzo_ext
 from hzo_ext.graph import GraphStage
+from hzo_ext.models import DeepZeroResNet
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -358,56 +359,8 @@ def test_batch_statistics_in_a_function_refused():
 
 # ---- SPP through traced pieces: DeepZero's ResNet-20, written the way its authors wrote it -----
 
-class LambdaLayer(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
-class DZBlock(nn.Module):
-    """DeepZero's (akamaster's) CIFAR BasicBlock: functional ReLU, option-A shortcut."""
-
-    def __init__(self, cin, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != planes:
-            self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4),
-                                                        "constant", 0))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)
-        return F.relu(out)
-
-
-class DZResNet(nn.Module):
-    def __init__(self, blocks=(1, 1, 1), width=4, classes=5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        layers, cin = [], width
-        for k, n in enumerate(blocks):
-            planes = width * 2 ** k
-            for b in range(n):
-                layers.append(DZBlock(cin, planes, 2 if k and b == 0 else 1))
-                cin = planes
-        self.layers = nn.Sequential(*layers)
-        self.linear = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layers(out)
-        out = F.avg_pool2d(out, out.size()[3])
-        out = out.view(out.size(0), -1)
-        return self.linear(out)
+def DZResNet(blocks=(1, 1, 1), width=4, classes=5):
+    return DeepZeroResNet(blocks, width, classes)
 
 
 @pytest.mark.parametrize("executor", ["python", "auto"])
