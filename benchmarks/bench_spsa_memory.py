@@ -36,12 +36,24 @@ def _peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _copying_spsa(model, loss_fn, x, y, eps: float, num_samples: int, seed: int) -> None:
-    """SPSA before issue 16 (hzo_ext.baselines.SPSA.backward at 704530c), one call, calls = 0."""
+def copying_spsa(model, loss_fn, x, y, eps: float, num_samples: int, seed: int, calls: int = 0):
+    """SPSA as it was before issue 16 (hzo_ext.baselines.SPSA.backward at 704530c: a copy of every
+    weight, every direction materialised), one call with call count ``calls``; returns (loss,
+    grads in parameter order). The baseline here and the plain reference of
+    python_tests/test_baselines.py."""
     import torch
-    params = [p for p in model.parameters() if p.requires_grad]
+    from hzo_ext.stages import LossHead, as_stages
+    stages, head = as_stages(model), LossHead(loss_fn)
+
+    def forward(a):
+        for s in stages:
+            a = s(a)
+        return a
+
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed * 1_000_003)
+        params = list({id(p): p for s in stages for p in s.parameters() if p.requires_grad}.values())
+        loss = head.total(forward(x), y)
+        gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + calls)
         saved = [p.detach().clone() for p in params]
         grads = [torch.zeros_like(p) for p in params]
         for _ in range(num_samples):
@@ -50,14 +62,13 @@ def _copying_spsa(model, loss_fn, x, y, eps: float, num_samples: int, seed: int)
             for sign in (1.0, -1.0):
                 for p, w, d in zip(params, saved, z):
                     p.copy_(w + sign * eps * d)
-                side.append(loss_fn(model(x), y))
+                side.append(head.total(forward(x), y))
             for p, w in zip(params, saved):
                 p.copy_(w)
             proj = (side[0] - side[1]) / (2 * eps)
             for g, d in zip(grads, z):
                 g.add_(d, alpha=proj.item() / num_samples)
-        for p, g in zip(params, grads):
-            p.grad = g
+    return loss, grads
 
 
 def child(method: str, num_samples: int) -> dict:
@@ -74,7 +85,9 @@ def child(method: str, num_samples: int) -> dict:
         loss_fn(model(x), y)  # warm-up forward
     before, peak_before = _rss_bytes(), _peak_bytes()
     if method == "copying":
-        _copying_spsa(model, loss_fn, x, y, 1e-3, num_samples, 0)
+        _, grads = copying_spsa(model, loss_fn, x, y, 1e-3, num_samples, 0)
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
     else:
         hzo_ext.SPSA(model, loss_fn, eps=1e-3, num_samples=num_samples, seed=0).backward(x, y)
     peak = _peak_bytes()

@@ -1,6 +1,9 @@
 """CGE, SPSA and Backprop: same interface as HZO, checked against autograd and exact counts."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -112,36 +115,11 @@ def test_baselines_validate(make):
 
 # ---- SPSA in place (MeZO) and by blocks (MeZO-BCD) ---------------------------------------------
 
-@torch.no_grad()
-def _spsa_before_in_place(model, loss_fn, x, y, eps, num_samples, seed, calls):
-    """The plain reference: SPSA as it was before the in-place version (a copy of every weight,
-    every direction materialised), for one call with call count ``calls``."""
-    from hzo_ext.stages import LossHead, as_stages
-    stages, head = as_stages(model), LossHead(loss_fn)
-
-    def forward(a):
-        for s in stages:
-            a = s(a)
-        return a
-
-    params = list({id(p): p for s in stages for p in s.parameters() if p.requires_grad}.values())
-    loss = head.total(forward(x), y)
-    gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + calls)
-    saved = [p.detach().clone() for p in params]
-    grads = [torch.zeros_like(p) for p in params]
-    for _ in range(num_samples):
-        z = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
-        side = []
-        for sign in (1.0, -1.0):
-            for p, w, d in zip(params, saved, z):
-                p.copy_(w + sign * eps * d)
-            side.append(head.total(forward(x), y))
-        for p, w in zip(params, saved):
-            p.copy_(w)
-        proj = (side[0] - side[1]) / (2 * eps)
-        for g, d in zip(grads, z):
-            g.add_(d, alpha=proj.item() / num_samples)
-    return loss, grads
+_spec = importlib.util.spec_from_file_location(
+    "bench_spsa_memory", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_spsa_memory.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+_spsa_before_in_place = _bench.copying_spsa  # the plain reference: SPSA before the in-place version
 
 
 def _awkward_mlp(dtype, device="cpu"):
