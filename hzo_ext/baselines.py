@@ -60,7 +60,7 @@ class CGE(StageEstimator):
 
 class SPSABlock(NamedTuple):
     """The parameters one SPSA estimate perturbed: the block's index and the parameters' names
-    (as in ``model.named_parameters()`` of the ``nn.Sequential``)."""
+    (as in ``model.named_parameters()``)."""
     index: int
     names: tuple[str, ...]
 
@@ -88,6 +88,7 @@ class SPSA:
 
     def __init__(self, model, loss_fn, eps: float = 1e-3, num_samples: int = 1, seed: int = 0, blocks=None,
                  process_group=None):
+        self.model = model
         self.stages = as_stages(model)
         self.loss = LossHead(loss_fn)
         self.eps = check_eps(eps)
@@ -107,6 +108,8 @@ class SPSA:
         """Each parameter's name and first stage (1-based), and the layer blocks: the trainable
         parameters each module owns directly, in model order."""
         names, first, layers, seen_modules = {}, {}, [], set()
+        if isinstance(self.model, nn.Module):  # the model's own names (a traced model's stages are pieces)
+            names = {id(p): n for n, p in self.model.named_parameters()}
         for l, stage in enumerate(self.stages, start=1):
             for mod_name, mod in stage.named_modules():
                 if id(mod) in seen_modules:
@@ -114,8 +117,8 @@ class SPSA:
                 seen_modules.add(id(mod))
                 layer = []
                 for p_name, p in mod.named_parameters(recurse=False):
-                    if id(p) not in names:
-                        names[id(p)] = ".".join(n for n in (str(l - 1), mod_name, p_name) if n)
+                    if id(p) not in first:
+                        names.setdefault(id(p), ".".join(n for n in (str(l - 1), mod_name, p_name) if n))
                         first[id(p)] = l
                         layer += [p] if p.requires_grad else []
                 if layer:
@@ -150,7 +153,7 @@ class SPSA:
             for i, p in enumerate(members):
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"blocks[{g}][{i}] is a {type(p).__name__}, not a parameter")
-                if id(p) not in self._names:
+                if id(p) not in self._first_stage:
                     raise ValueError(f"blocks[{g}][{i}] (shape {tuple(p.shape)}) is not a parameter of the model")
                 name = self._names[id(p)]
                 if not p.requires_grad:

@@ -312,3 +312,23 @@ def test_spsa_layer_blocks_need_trainable_parameters():
     model = mlp(1, 4, "tanh").requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         hzo_ext.SPSA(model, CE(), blocks="layer")
+
+
+def test_spsa_blocks_on_a_traced_model_use_the_models_names():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.act = nn.Linear(6, 8), nn.Linear(8, 5), nn.Tanh()
+
+        def forward(self, x):
+            return self.l2(self.act(self.l1(x)))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = batch()
+    est = hzo_ext.SPSA(model, nn.CrossEntropyLoss(), blocks="layer")
+    before = [p.clone() for p in model.parameters()]
+    est.backward(x, y)
+    assert est.last_block.names == ("l1.weight", "l1.bias")
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["l1.weight", "l1.bias"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
