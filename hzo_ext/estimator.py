@@ -147,7 +147,8 @@ class Plan:
                  f"chunk_size={self.chunk_size}"]
         if self.stage_names:  # the cuts: a_l is the state after stage l
             lines.append(f"  cuts: a_0 {list(self.shapes[0])} (input)")
-            lines += [f"        a_{l} {list(self.shapes[l])} after {name}" for l, name in enumerate(self.stage_names, 1)]
+            lines += [f"        a_{l} {list(self.shapes[l])} after {name}"
+                      for l, name in enumerate(self.stage_names, start=1)]
         lines.append(f"  loss head: {self.loss_evals // 2} probes, {self.loss_evals} loss evaluations")
         for k, level in enumerate(self.levels):
             lines.append(f"  level {k}: {len(level)} splits, {sum(s.queries for s in level)} queries")
@@ -307,8 +308,9 @@ class StageEstimator:
     # -- pieces
 
     def _refresh_stages(self) -> None:
-        """Rebuild the stages when the module tree or a parameter's shape changed since they were
-        made (a stage appended after construction is used, never ignored)."""
+        """Rebuild the stages when what they were made from changed (``graph.signature``: the module
+        tree, parameters and buffers, torch modules' settings): a stage appended after
+        construction is used, never ignored."""
         sig = graph.signature(self.model)
         if sig != self._signature:
             self.stages = as_stages(self.model)
@@ -605,6 +607,7 @@ class HZO(StageEstimator):
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._refresh_stages()
         if self._cpp is not None and not (isinstance(x, torch.Tensor) and x.dtype in numerics.LOW_PRECISION):
+            self._probe_dtype = None  # the C++ executor probes in the model's dtype
             return self._cpp.backward(x, y)  # low-precision models: the Python path probes them in float32
         t0 = time.perf_counter()
         with nvtx_range("hzo/estimate"):

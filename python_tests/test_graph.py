@@ -540,5 +540,6 @@ def test_bad_targets_named():
     y[1, 0] = float("nan")
     with pytest.raises(ValueError, match=r"y has 1 non-finite values"):
         hzo_ext.HZO(model, nn.MSELoss()).backward(x, y)
-    with pytest.raises(ValueError, match=r"the loss failed on the model's output of shape \(3, 2\).*y of shape \(3, 5\)"):
+    with pytest.raises(ValueError, match=r"the loss failed on the model's output of shape \(3, 2\).*"
+                                         r"y of shape \(3, 5\)"):
         hzo_ext.HZO(model, nn.MSELoss()).backward(x, torch.randn(3, 5, dtype=torch.float64))
