@@ -285,7 +285,7 @@ class StageEstimator:
                  process_group=None, query_parallel: bool = False):
         self.model = model
         self.stages = as_stages(model)
-        self._signature = graph.signature(model)
+        self._watch = graph.ModelWatch(model)
         self.loss = LossHead(loss_fn)
         self.eps = check_eps(eps)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -308,13 +308,12 @@ class StageEstimator:
     # -- pieces
 
     def _refresh_stages(self) -> None:
-        """Rebuild the stages when what they were made from changed (``graph.signature``: the module
-        tree, parameters and buffers, torch modules' settings): a stage appended after
+        """Rebuild the stages when what they were made from changed (``graph.ModelWatch``: the
+        module tree, parameters and buffers, torch modules' settings): a stage appended after
         construction is used, never ignored."""
-        sig = graph.signature(self.model)
-        if sig != self._signature:
+        if self._watch.changed():
             self.stages = as_stages(self.model)
-            self._signature = sig
+            self._watch = graph.ModelWatch(self.model)
             self._restaged()
 
     def _restaged(self) -> None:
@@ -322,11 +321,11 @@ class StageEstimator:
         self._dynamic_checked.clear()
         self._no_vmap.clear()
 
-    def _step(self, a: torch.Tensor, rms: float | None = None) -> float:
+    def _step(self, a: torch.Tensor) -> float:
         """eps for perturbing a: absolute, or eps * rms(a) with eps_mode='relative'."""
         if self.eps_mode == "absolute":
             return self.eps
-        rms = a.double().pow(2).mean().sqrt().item() if rms is None else rms
+        rms = a.double().pow(2).mean().sqrt().item()
         return self.eps * rms if rms > 0 and math.isfinite(rms) else self.eps
 
     def _prepare(self, x, y):
@@ -340,9 +339,9 @@ class StageEstimator:
         """eps against the probe dtype's resolution at the scale of every perturbed a_m (m in cuts)."""
         L, cuts = len(acts) - 1, sorted(set(cuts))
         dtype = self._probe_dtype or acts[0].dtype
-        for m, (amax, rms) in zip(cuts, numerics.scales(acts[m] for m in cuts)):
+        for m, amax in zip(cuts, numerics.max_abs(acts[m] for m in cuts)):
             what = f"the logits a_{L} (loss head)" if m == L else f"a_{m} (output of {stage_name(self.stages, m)})"
-            numerics.check_step_at(self._step(acts[m], rms), amax, rms, dtype, what, warned=self._step_warnings)
+            numerics.check_step_at(self._step(acts[m]), amax, dtype, what, warned=self._step_warnings)
 
     def _clean_forward(self, x: torch.Tensor):
         """a_0..a_L (detached), and each differentiable stage's output with its local graph

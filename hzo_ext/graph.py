@@ -11,20 +11,21 @@ sharing the model's submodules and parameters (a residual block, a function call
 Opaque nodes are run, never looked into: ``BlackBox`` modules, modules marked with
 ``hzo_ext.opaque(module)``, and submodules torch.fx cannot trace (one warning names them).
 
-``signature(model)`` changes whenever the module tree or a parameter's shape does; the
-estimators compare it on every call and rebuild their stages, so a stage appended after
-construction is used, never ignored.
+``ModelWatch(model).changed()`` tells when the module tree, a parameter or buffer, or a torch
+module's setting changed; the estimators ask it on every call and rebuild their stages, so a
+stage appended after construction is used, never ignored.
 """
 from __future__ import annotations
 
 import inspect
+import itertools
 import operator
 import warnings
 
 import torch
 from torch import fx, nn
 
-__all__ = ["Stages", "GraphStage", "opaque", "stages_of", "signature"]
+__all__ = ["Stages", "GraphStage", "opaque", "stages_of", "ModelWatch"]
 
 _OPAQUE_ATTR = "_hzo_opaque"
 # Node results that are not tensors (sizes, dims): such a value never makes a cut.
@@ -61,32 +62,37 @@ class GraphStage(nn.Module):
         return self.label
 
 
-def _settings(m: nn.Module) -> tuple:
-    """A torch module's plain attributes (stride, padding, negative_slope, training, ...), what
-    footprints and lowering read; other modules run their own Python, which reads them anew."""
-    if not type(m).__module__.startswith("torch."):
-        return ()
-    return tuple((k, v) for k, v in m.__dict__.items() if not k.startswith("_") and _is_setting(v))
-
-
 def _is_setting(v) -> bool:
     if isinstance(v, tuple):
         return all(map(_is_setting, v))
     return isinstance(v, (bool, int, float, str, type(None)))
 
 
-def signature(model) -> tuple:
-    """Changes when what the stages, their geometry or their lowering were made from changes: the
-    module tree, each module's parameters and buffers (identity and shape) and a torch module's
-    settings (stride, padding, negative_slope, training, ...). In-place updates of values
-    (optimizer steps, load_state_dict) keep it."""
-    mods = model if isinstance(model, (list, tuple)) else [model]
-    return tuple((name, id(m), type(m),
-                  tuple((n, id(t), tuple(t.shape)) for d in (m._parameters, m._buffers) for n, t in d.items()
-                        if t is not None),
-                  _settings(m))
-                 for top in mods if isinstance(top, nn.Module)
-                 for name, m in top.named_modules(remove_duplicate=False))
+class ModelWatch:
+    """What a model's stages, their geometry and their lowering were made from, read again
+    cheaply on every call: the identity of every module's parameters, buffers and children (a
+    replaced or appended module, a replaced parameter or buffer), the parameters' shapes, and
+    torch modules' plain settings (stride, padding, negative_slope, training, ...; other modules
+    run their own Python, which reads their attributes anew). In-place updates of values
+    (optimizer steps, load_state_dict) change nothing."""
+
+    def __init__(self, model):
+        tops = model if isinstance(model, (list, tuple)) else [model]
+        mods = [m for top in tops if isinstance(top, nn.Module) for m in top.modules()]
+        self._tops = list(tops)
+        self._dicts = [d for m in mods for d in (m._parameters, m._buffers, m._modules)]
+        self._params = [p for m in mods for p in m._parameters.values() if p is not None]
+        self._settings = [(m.__dict__, k) for m in mods if type(m).__module__.startswith("torch.")
+                          for k, v in m.__dict__.items() if not k.startswith("_") and _is_setting(v)]
+        self._seen = self._read()
+
+    def _read(self) -> tuple:
+        values = itertools.chain.from_iterable(map(dict.values, self._dicts))
+        return (list(map(id, self._tops)), list(map(id, values)), [p.shape for p in self._params],
+                [d.get(k) for d, k in self._settings])
+
+    def changed(self) -> bool:
+        return self._read() != self._seen
 
 
 # ---- tracing --------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 A central difference ``(F(a + eps) - F(a - eps)) / (2 eps)`` has two errors: round-off, about
 ``spacing / eps`` relative where ``spacing = finfo(dtype).eps * max|a|`` is the gap between
 neighbouring values at a's scale, and truncation, about ``(eps / scale)^2`` for smooth F (worse
-at ReLU kinks). Below the spacing, ``a + eps`` rounds to ``a`` and the estimate is zero or
-noise: refused. Where either error dominates: a warning naming what is perturbed and a step
-that balances the two, ``finfo(dtype).eps ** (1/3) * scale``.
+at ReLU kinks), with scale = max|a|. Below the spacing, ``a + eps`` rounds to ``a`` and the
+estimate is zero or noise: refused. Where either error dominates (eps within 20 spacings, or
+above 0.1 max|a|): a warning naming what is perturbed and a step that balances the two,
+``finfo(dtype).eps ** (1/3) * max|a|``.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import warnings
 
 import torch
 
-__all__ = ["LOW_PRECISION", "probe_dtype", "check_query_dtype", "balanced_step", "scales", "check_step",
+__all__ = ["LOW_PRECISION", "probe_dtype", "check_query_dtype", "balanced_step", "max_abs", "check_step",
            "check_step_at"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ROUNDOFF_WARN = 20.0  # warn when eps is within this many spacings of a's largest values
-TRUNCATION_WARN = 0.1  # warn when eps exceeds this fraction of a's rms
+TRUNCATION_WARN = 0.1  # warn when eps exceeds this fraction of a's largest magnitude
 
 
 def check_query_dtype(query_dtype) -> None:
@@ -49,38 +50,35 @@ def balanced_step(dtype: torch.dtype, scale: float) -> float:
 
 
 @torch.no_grad()
-def scales(tensors) -> list[tuple[float, float]]:
-    """(max |a|, rms(a)) of each tensor, read back with one synchronisation."""
-    tensors = [t for t in tensors]
-    if not tensors:
-        return []
-    stats = torch.stack([torch.stack([t.detach().abs().amax().double(),
-                                      torch.linalg.vector_norm(t.detach(), dtype=torch.float64)
-                                      / math.sqrt(t.numel())]) if t.numel() else t.new_zeros(2, dtype=torch.float64)
-                         for t in tensors])
-    return [tuple(row) for row in stats.tolist()]
+def max_abs(tensors) -> list[float]:
+    """max |a| of each tensor (0 when empty): one fused reduction over all of them, one read-back
+    (a deep model has many small activations; this runs on every estimate)."""
+    tensors = [t.detach() for t in tensors]
+    full = [t for t in tensors if t.numel()]
+    values = iter(torch.stack(torch._foreach_norm(full, float("inf"))).tolist() if full else [])
+    return [next(values) if t.numel() else 0.0 for t in tensors]
 
 
 def check_step(eps: float, a: torch.Tensor, what: str, option: str = "eps", warned: set | None = None) -> None:
     """Refuse an eps below the resolution of a's dtype at a's scale; warn when round-off or
     truncation dominates. ``what`` names the perturbed tensor, ``option`` the argument to change;
     ``warned``: the (what, zone) already warned about, once each (a training loop is not flooded)."""
-    check_step_at(eps, *scales([a])[0], a.dtype, what, option, warned)
+    check_step_at(eps, max_abs([a])[0], a.dtype, what, option, warned)
 
 
-def check_step_at(eps: float, amax: float, rms: float, dtype: torch.dtype, what: str, option: str = "eps",
+def check_step_at(eps: float, amax: float, dtype: torch.dtype, what: str, option: str = "eps",
                   warned: set | None = None) -> None:
-    """``check_step`` for a tensor of dtype ``dtype`` with max |a| ``amax`` and rms ``rms``."""
+    """``check_step`` for a tensor of dtype ``dtype`` whose largest magnitude is ``amax``."""
     if not (math.isfinite(amax) and amax > 0):
         return  # all zero (or non-finite, which the finiteness checks report): no scale to judge
     spacing = torch.finfo(dtype).eps * amax
-    suggest = balanced_step(dtype, rms)
-    scale = f"max |value| {amax:.3g}, rms {rms:.3g}, {dtype} spacing there {spacing:.3g}"
+    suggest = balanced_step(dtype, amax)
+    scale = f"max |value| {amax:.3g}, {dtype} spacing there {spacing:.3g}"
     if eps <= spacing:
         raise ValueError(f"{option}={eps!r} is below the resolution of {dtype} at the scale of {what} "
                          f"({scale}): a +- eps rounds to a and the estimate would be zero or noise; "
                          f"use {option} of about {suggest:g}")
-    zone = "round-off" if eps < ROUNDOFF_WARN * spacing else "truncation" if eps > TRUNCATION_WARN * rms else None
+    zone = "round-off" if eps < ROUNDOFF_WARN * spacing else "truncation" if eps > TRUNCATION_WARN * amax else None
     if zone is None or (warned is not None and (what, zone) in warned):
         return
     if warned is not None:
