@@ -159,9 +159,10 @@ def changed_rows(again: torch.Tensor, out: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def check_stages_dynamic(stages: Sequence[nn.Module], acts: Sequence[torch.Tensor], only=None) -> None:
-    """One-time check on real activations: each stage is deterministic, and its outputs for the
-    batch are unchanged when shifted copies are stacked after it (no hidden in-batch mixing;
-    batch size 1 included). ``only``: the (1-based) stages to check, default all."""
+    """One-time check on real activations (per input shape, dtype and device): each stage is
+    deterministic, and its outputs for the batch are unchanged when far-away copies are stacked
+    before or after it (no hidden in-batch mixing or row-index dependence; batch size 1
+    included). ``only``: the (1-based) stages to check, default all."""
     for l in range(1, len(stages) + 1) if only is None else sorted(only):
         a, out = acts[l - 1], acts[l]
         again = stages[l - 1](a.clone())  # copies in: in-place ops must not overwrite the activations
