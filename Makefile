@@ -29,8 +29,8 @@ demo: build
 	rm -rf runs/demo-hzo runs/demo-backprop  # a fresh demo each time (a run folder is never reused silently)
 	$(VENV)/bin/hzo-ext train --out runs/demo-hzo
 	$(VENV)/bin/hzo-ext train --out runs/demo-backprop --estimator bp
-	@awk -F, 'END {printf "final test accuracy on digits: HZO %.4f\n", $$4}' runs/demo-hzo/metrics.csv
-	@awk -F, 'END {printf "final test accuracy on digits: backprop %.4f\n", $$4}' runs/demo-backprop/metrics.csv
+	@for run in hzo backprop; do awk -F, -v run=$$run 'NR == 1 {for (i = 1; i <= NF; i++) if ($$i == "test_acc") c = i} \
+	  END {printf "final test accuracy on digits: %s %.4f\n", run, $$c}' runs/demo-$$run/metrics.csv; done
 
 test: build test-python test-cpp
 
