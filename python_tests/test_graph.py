@@ -390,6 +390,11 @@ def test_deepzero_resnet_gets_spp_on_every_block_split(executor):
 def _suite_models():
     torch.manual_seed(0)
     yield "resnet18", _randomise_bn(torchvision.models.resnet18(num_classes=5).double().eval()), _images(2, 3, 8)
+    yield "mobilenet", _randomise_bn(torchvision.models.mobilenet_v3_small(num_classes=5).double().eval()), \
+        _images(2, 3, 16)
+    yield "vit", timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, in_chans=3, num_classes=5, embed_dim=16, depth=2, num_heads=2).double().eval(), \
+        _images(2, 3, 16)
     yield "hand_resnet", _randomise_bn(HandResNet().double().eval()), _images(2, 3, 6)
     yield "deepzero_resnet", _randomise_bn(DZResNet().double().eval()), _images(2, 3, 8)
     yield "functional_mlp", FunctionalMLP().double(), (torch.randn(4, 6, dtype=torch.float64),
@@ -398,7 +403,8 @@ def _suite_models():
                                                           torch.tensor([0, 3, 1]))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "hand_resnet", "deepzero_resnet", "functional_mlp", "encoder"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet", "vit", "hand_resnet", "deepzero_resnet", "functional_mlp",
+                                  "encoder"])
 def test_python_and_cpp_engines_agree_on_traced_models(name):
     if not hzo_ext.has_extension():
         pytest.skip("the C++ executor needs the compiled extension")
