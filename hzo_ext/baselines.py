@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, graph
 from .estimator import EstimateStats, StageEstimator, outside_inference_mode, probe_targets
 from .stages import LossHead, as_stages, check_batch, check_eps, check_stages_static, run_stage
 
@@ -89,7 +89,6 @@ class SPSA:
     def __init__(self, model, loss_fn, eps: float = 1e-3, num_samples: int = 1, seed: int = 0, blocks=None,
                  process_group=None):
         self.model = model
-        self.stages = as_stages(model)
         self.loss = LossHead(loss_fn)
         self.eps = check_eps(eps)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -97,12 +96,19 @@ class SPSA:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.num_samples, self.seed, self.calls = num_samples, seed, 0
-        self.params = list({id(p): p for s in self.stages for p in s.parameters() if p.requires_grad}.values())
-        self._names, self._first_stage, layers = self._index_parameters()
-        self.mode, self.blocks = self._make_blocks(blocks, layers)
+        self._blocks_arg = blocks
+        self._index_model()
         self.last_block: SPSABlock | None = None
         self.last_stats = EstimateStats()
         distributed.attach(self, process_group)  # data-parallel: same directions, shard losses combined
+
+    def _index_model(self) -> None:
+        """Stages, parameters and blocks, made again when the model changed (``graph.ModelWatch``)."""
+        self._watch = graph.ModelWatch(self.model)
+        self.stages = as_stages(self.model)
+        self.params = list({id(p): p for s in self.stages for p in s.parameters() if p.requires_grad}.values())
+        self._names, self._first_stage, layers = self._index_parameters()
+        self.mode, self.blocks = self._make_blocks(self._blocks_arg, layers)
 
     def _index_parameters(self):
         """Each parameter's name and first stage (1-based), and the layer blocks: the trainable
@@ -180,6 +186,8 @@ class SPSA:
     @torch.no_grad()
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
+        if self._watch.changed():
+            self._index_model()
         check_batch(x, y, self.stages)
         check_stages_static(self.stages)
         L, n = len(self.stages), self.num_samples

@@ -332,3 +332,19 @@ def test_spsa_blocks_on_a_traced_model_use_the_models_names():
     assert est.last_block.names == ("l1.weight", "l1.bias")
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["l1.weight", "l1.bias"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_spsa_sees_a_model_changed_after_construction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    x, y = batch()
+    est = hzo_ext.SPSA(model, nn.CrossEntropyLoss(), blocks="layer")
+    est.backward(x, y)
+    model.append(nn.Tanh())
+    model.append(nn.Linear(5, 5).double())  # a new output layer: its block exists and it is run
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):  # calls 1 and 2: blocks 1 and 2 of the three layers now
+        est.backward(x, y)
+    assert est.last_block.names == ("4.weight", "4.bias") and model[4].weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(est.loss.total(model(x), y), est.backward(x, y))
