@@ -35,6 +35,7 @@ class CGE(StageEstimator):
     @outside_inference_mode
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
+        self._refresh_stages()
         self._prepare(x, y)
         acts, local = self._clean_forward(x)
         L, B = len(self.stages), x.shape[0]

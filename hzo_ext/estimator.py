@@ -329,7 +329,7 @@ class StageEstimator:
         return self.eps * rms if rms > 0 and math.isfinite(rms) else self.eps
 
     def _prepare(self, x, y):
-        self._refresh_stages()
+        """Checks of one call, after ``_refresh_stages`` (which decides the engine)."""
         check_batch(x, y, self.stages)
         check_stages_static(self.stages)
         self._probe_dtype = numerics.probe_dtype(x.dtype, self.query_dtype)

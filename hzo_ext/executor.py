@@ -25,11 +25,11 @@ import operator
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import _ext
+from .graph import ELEMENTWISE_CALLS, SUMS
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
 __all__ = ["unsupported_option", "select", "CppExecutor", "lower"]
@@ -142,12 +142,6 @@ def _node(mod: nn.Module, callback, watch: list, python: list):
     return node
 
 
-# Functions of traced pieces that are a module's forward: lowered as that module.
-_FUNCTION_MODULES = {F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, torch.tanh: nn.Tanh,
-                     "tanh": nn.Tanh, torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.silu: nn.SiLU,
-                     F.gelu: nn.GELU, F.hardswish: nn.Hardswish, F.mish: nn.Mish}
-_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
-
 
 def _writes_input(n: fx.Node) -> bool:
     """An in-place call (``x.add_(1)``, ``F.relu(x, inplace=True)``, ``x += 1``)."""
@@ -159,7 +153,7 @@ def _writes_input(n: fx.Node) -> bool:
 def _function_module(n: fx.Node) -> nn.Module | None:
     """The module whose forward is the call n on its first argument (extra arguments: only
     GELU's approximate and the in-place flags, which lowering ignores), or None."""
-    cls = _FUNCTION_MODULES.get(n.target) if n.op in ("call_function", "call_method") else None
+    cls = ELEMENTWISE_CALLS.get(n.target) if n.op in ("call_function", "call_method") else None
     if cls is None or len(n.args) != 1 or set(n.kwargs) - {"inplace", "approximate"}:
         return None
     return cls(approximate=n.kwargs.get("approximate", "none")) if cls is nn.GELU else cls()
@@ -184,7 +178,7 @@ def _lower_piece(stage, callback, watch: list, python: list):
         if n not in state or n is x:
             continue
         ins = [a for a in n.all_input_nodes if a in state]
-        if n.target in _ADDS and len(ins) == 2 and len(n.args) == 2 and not n.kwargs:
+        if n.target in SUMS and len(ins) == 2 and len(n.args) == 2 and not n.kwargs:
             ops[n] = (tuple(ins), None)
         elif len(ins) != 1:
             return None  # a value from several (products, cat, sizes): the piece runs in Python
@@ -195,8 +189,8 @@ def _lower_piece(stage, callback, watch: list, python: list):
             ops[n] = (ins[0], _node(sub, callback, watch, python))
             if len(ins[0].users) > 1 and _first_runs_in_python(sub, python):
                 return None  # Python code on a value other nodes read: the piece runs in Python
-        elif _function_module(n) is not None:
-            ops[n] = (ins[0], _native(_function_module(n), callback, watch, python))
+        elif (as_module := _function_module(n)) is not None:
+            ops[n] = (ins[0], _native(as_module, callback, watch, python))
         else:  # one node in Python: slicing, padding, other functions
             one = GraphStage(stage.piece, _piece_graph(ins[0], [n]), n.name)
             python.append(one)

@@ -23,9 +23,26 @@ import operator
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["Stages", "GraphStage", "opaque", "stages_of", "ModelWatch"]
+__all__ = ["Stages", "GraphStage", "opaque", "stages_of", "ModelWatch", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC"]
+
+# What traced pieces call, known once (SPP footprints, C++ lowering). Calls acting elementwise on
+# their one tensor argument (footprint: identity), each with the module whose forward it is where
+# there is one (the C++ executor runs it as that module; None: it runs in Python). Strings are
+# tensor methods.
+ELEMENTWISE_CALLS = {
+    F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, F.tanh: nn.Tanh, torch.tanh: nn.Tanh,
+    "tanh": nn.Tanh, "tanh_": nn.Tanh, F.sigmoid: nn.Sigmoid, torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid,
+    "sigmoid_": nn.Sigmoid, F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish, F.mish: nn.Mish,
+    F.relu6: None, F.hardsigmoid: None, F.hardtanh: None, F.leaky_relu: None, F.elu: None, F.softplus: None,
+    F.dropout: None, operator.neg: None, torch.neg: None, "neg": None, torch.abs: None, "abs": None, torch.exp: None,
+    "exp": None, "contiguous": None, "clone": None, "clamp": None, "clamp_min": None}
+# Sums of two tensors (residual adds), and all elementwise arithmetic between tensors.
+SUMS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+ARITHMETIC = SUMS | {operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv, torch.sub, torch.mul,
+                     "sub", "sub_", "mul", "mul_", "div", "div_"}
 
 _OPAQUE_ATTR = "_hzo_opaque"
 # Node results that are not tensors (sizes, dims): such a value never makes a cut.

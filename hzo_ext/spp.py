@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _torch_impl, ops
+from .graph import ARITHMETIC, ELEMENTWISE_CALLS
 from .stages import BlackBox, ResidualBlock
 
 __all__ = ["Footprint", "NoFootprint", "footprint_of", "graph_footprint", "SpatialColoring", "DenseColoring",
@@ -236,16 +237,6 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
 
 # ---- traced pieces: the footprints of functions -------------------------------------------------
 
-# Functions and tensor methods that act elementwise on their one state argument (other arguments
-# constants), and arithmetic whose state arguments' footprints add up (the branches of a sum).
-_ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu, F.silu,
-                          F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.softplus,
-                          operator.neg, torch.neg, torch.abs, torch.exp, F.dropout}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "neg", "abs", "exp", "contiguous", "clone", "clamp",
-                        "clamp_min", "sigmoid_", "tanh_"}
-_ARITHMETIC = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-               operator.truediv, torch.add, torch.sub, torch.mul}
-_ARITHMETIC_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.max_pool1d: 1, F.max_pool2d: 2,
                    F.max_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
                    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
@@ -280,10 +271,9 @@ def graph_footprint(gm: fx.GraphModule, in_shape: Sequence[int], where: str = "p
         fp = fps[ins[0]]
         if n.op == "call_module" and len(ins) == 1 and n.args and n.args[0] is ins[0]:
             fps[n] = fp.then(footprint_of(gm.get_submodule(n.target), fp.out_sizes, f"{where}.{n.target}"))
-        elif (n.target in _ELEMENTWISE_FUNCTIONS or n.op == "call_method" and n.target in _ELEMENTWISE_METHODS) \
-                and len(ins) == 1 and shape(n) == shape(ins[0]):
+        elif n.target in ELEMENTWISE_CALLS and len(ins) == 1 and shape(n) == shape(ins[0]):
             fps[n] = fp
-        elif n.target in _ARITHMETIC or n.op == "call_method" and n.target in _ARITHMETIC_METHODS:
+        elif n.target in ARITHMETIC:
             if any(shape(a) != shape(n) for a in ins):
                 raise NoFootprint(here, "broadcasts a state tensor")
             fps[n] = fp if len(ins) == 1 else fp.union(fps[ins[1]])
