@@ -213,3 +213,80 @@ def check_contract_spp(y, target, colors, probe_start, boxes, in_shape, channelw
     lo, hi = boxes[0], boxes[1]
     if bool(((lo <= hi) & ((lo < 0) | (hi >= limit))).any()):
         raise ValueError(f"{op}: boxes hold an interval outside the output axis (out of range)")
+
+
+# ---- fused probes (csrc/core/elementwise.h) ------------------------------------------------------
+
+# The elementwise functions by kernel code (hzo_ext.registry.ACT_CODES), as torch defines them.
+ACT_FUNCTIONS = {
+    0: lambda x, a, b: x,
+    1: lambda x, a, b: torch.relu(x),
+    2: lambda x, a, b: torch.nn.functional.leaky_relu(x, a),
+    3: lambda x, a, b: torch.nn.functional.gelu(x),
+    4: lambda x, a, b: torch.nn.functional.gelu(x, approximate="tanh"),
+    5: lambda x, a, b: torch.tanh(x),
+    6: lambda x, a, b: torch.sigmoid(x),
+    7: lambda x, a, b: torch.nn.functional.silu(x),
+    8: lambda x, a, b: torch.nn.functional.hardtanh(x, a, b),
+    9: lambda x, a, b: torch.nn.functional.elu(x, a),
+    10: lambda x, a, b: torch.nn.functional.hardswish(x),
+    11: lambda x, a, b: torch.nn.functional.hardsigmoid(x),
+    12: lambda x, a, b: torch.nn.functional.softplus(x, a, b),
+}
+
+
+def _check_act(act: int, op: str) -> None:
+    if not 0 <= act < len(ACT_FUNCTIONS):
+        raise ValueError(f"{op}: act must be a code in [0, {len(ACT_FUNCTIONS)}), got {act}")
+
+
+def _check_same_dtype(other, z, op: str, name: str) -> None:
+    if other.dtype != z.dtype:
+        raise TypeError(f"{op}: {name} dtype {other.dtype} does not match z dtype {z.dtype}")
+
+
+def check_probe_elementwise(z, target, eps, act) -> None:
+    op = "hzo_ext::probe_elementwise"
+    _check_device(target, z, op, "target", "z")
+    _check_eps(eps, op)
+    _check_act(act, op)
+    _check_floating(z, op, "z")
+    _check_same_dtype(target, z, op, "target")
+    if target.shape != z.shape:
+        raise ValueError(f"{op}: target must have the shape of z, {list(z.shape)}, got shape {list(target.shape)}")
+
+
+def check_probe_linear(z, weight, target, eps, act) -> None:
+    op = "hzo_ext::probe_linear"
+    _check_device(weight, z, op, "weight", "z")
+    _check_device(target, z, op, "target", "z")
+    _check_eps(eps, op)
+    _check_act(act, op)
+    _check_floating(z, op, "z")
+    _check_same_dtype(weight, z, op, "weight")
+    _check_same_dtype(target, z, op, "target")
+    if z.dim() != 2:
+        raise ValueError(f"{op}: z must be [B, Q], got shape {list(z.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != z.shape[1]:
+        raise ValueError(f"{op}: weight must be [Q, K] with Q = {z.shape[1]}, got shape {list(weight.shape)}")
+    if target.shape != z.shape:
+        raise ValueError(f"{op}: target must have the shape of z, {list(z.shape)}, got shape {list(target.shape)}")
+
+
+def probe_elementwise(z, target, eps, act, alpha, beta):
+    """target * (s(z + eps) - s(z - eps)) / (2 eps), s the elementwise function of code act."""
+    check_probe_elementwise(z, target, eps, act)
+    acc = _accumulate_dtype(z.dtype)
+    s, zz = ACT_FUNCTIONS[act], z.to(acc)
+    out = target.to(acc) * (s(zz + eps, alpha, beta) - s(zz - eps, alpha, beta)) / (2 * eps)
+    return out.to(z.dtype)
+
+
+def probe_linear(z, weight, target, eps, act, alpha, beta):
+    """out[b, k] = sum_q target[b, q] (s(z[b, q] + eps W[q, k]) - s(z[b, q] - eps W[q, k])) / (2 eps)."""
+    check_probe_linear(z, weight, target, eps, act)
+    acc = _accumulate_dtype(z.dtype)
+    s = ACT_FUNCTIONS[act]
+    zz, h = z.to(acc).unsqueeze(2), eps * weight.to(acc).unsqueeze(0)  # [B, Q, 1], [1, Q, K]
+    diff = s(zz + h, alpha, beta) - s(zz - h, alpha, beta)  # [B, Q, K]
+    return ((target.to(acc).unsqueeze(2) * diff).sum(1) / (2 * eps)).to(z.dtype)

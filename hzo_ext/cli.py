@@ -20,7 +20,7 @@ def _train_parser(sub) -> None:
                         "the run's options (a new --lr applies from the resumed epoch on), any other difference is "
                         "refused")
     p.add_argument("--estimator", default=d.estimator, help=f"one of {', '.join(ESTIMATORS)}")
-    p.add_argument("--split", default=d.split, help="bisect or chain")
+    p.add_argument("--split", default=d.split, help="auto (op-level, the default), bisect or chain")
     p.add_argument("--eps", type=float, default=d.eps)
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(MODELS)}")
     p.add_argument("--width", type=int, default=d.width,

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _ext, distributed, executor as cpp_executor, graph, numerics, ops, spp as spp_geometry
+from . import _ext, distributed, executor as cpp_executor, graph, numerics, opengine, ops, spp as spp_geometry
 from .nvtx import nvtx_range
 from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
                      check_stages_static, run_stage, stage_name)
@@ -70,9 +70,10 @@ class EstimateStats:
 
 # ---- the plan ------------------------------------------------------------------------------
 
-def check_split_policy(policy) -> None:
-    if policy not in ("bisect", "chain") and not callable(policy):
-        raise ValueError(f"split must be 'bisect', 'chain' or a callable (i, j) -> m, got {policy!r}")
+def check_split_policy(policy, auto: bool = False) -> None:
+    names = ("auto", "bisect", "chain") if auto else ("bisect", "chain")
+    if policy not in names and not callable(policy):
+        raise ValueError(f"split must be {', '.join(map(repr, names))} or a callable (i, j) -> m, got {policy!r}")
 
 
 def choose_split(policy, i: int, j: int) -> int:
@@ -104,6 +105,7 @@ class Split:
     chunks: int
     peak_bytes: int
     dense: bool = True  # False: SPP, each probe moves every coordinate of one color
+    how: str = ""  # op-level engine: folded, elementwise (fused), SPP or dense
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ class Plan:
     chunk_size: int | None
     levels: tuple  # tuple[tuple[Split, ...], ...]
     stage_names: tuple = ()  # "stage l (name: Type)" per stage, when the estimator knows them
+    stored_bytes: int = 0  # op-level engine: the clean forward's values kept for the probes and leaves
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """Predicted peak memory of the estimate beyond the model: stored values + the largest split."""
+        return self.stored_bytes + self.peak_query_bytes
 
     @property
     def num_stages(self) -> int:
@@ -153,12 +161,15 @@ class Plan:
         for k, level in enumerate(self.levels):
             lines.append(f"  level {k}: {len(level)} splits, {sum(s.queries for s in level)} queries")
             for s in level:
-                lines.append(f"    ({s.i}, {s.m}, {s.j}]  {'dense' if s.dense else 'SPP'} probes={s.probes}  "
+                lines.append(f"    ({s.i}, {s.m}, {s.j}]  {s.how or ('dense' if s.dense else 'SPP')} probes={s.probes}  "
                              f"queries={s.queries}  "
                              f"chunks={s.chunks}  peak={s.peak_bytes * mib:.2f} MiB")
         lines.append(f"  total: {len(self.splits)} splits in {len(self.levels)} levels, {self.probes} probes, "
                      f"{self.fd_layer_evals} fd_layer_evals, predicted peak query memory "
                      f"{self.peak_query_bytes * mib:.2f} MiB")
+        if self.stored_bytes:
+            lines.append(f"  predicted peak memory {self.predicted_peak_bytes * mib:.2f} MiB (stored values "
+                         f"{self.stored_bytes * mib:.2f} MiB + the largest split)")
         return "\n".join(lines)
 
 
@@ -416,17 +427,22 @@ class StageEstimator:
             if not params:
                 continue
             if isinstance(stage, BlackBox):
-                grads = self._blackbox_grads(l, acts[l - 1], deltas[l])
+                grads = self._blackbox_grads(stage, stage_name(self.stages, l), acts[l - 1], deltas[l])
             elif local[l] is None:
                 continue  # the stage's output does not depend on its parameters
             else:
                 grads = torch.autograd.grad(local[l], params, grad_outputs=deltas[l].to(local[l].dtype),
                                             allow_unused=True)
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                g = g.to(p.dtype)
-                p.grad = g.clone() if p.grad is None else p.grad + g
+            self._accumulate(params, grads)
+
+    @staticmethod
+    def _accumulate(params, grads) -> None:
+        """p.grad += g, like autograd (a new tensor the first time)."""
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            g = g.to(p.dtype)
+            p.grad = g.clone() if p.grad is None else p.grad + g
 
     def _run_on_param_copies(self, stage, named, copies: torch.Tensor, a_in: torch.Tensor) -> torch.Tensor:
         """The stage on a_in once per parameter vector in copies [N, P] -> [N, B, *T]. Vectorised
@@ -449,15 +465,15 @@ class StageEstimator:
         return out
 
     @torch.no_grad()
-    def _blackbox_grads(self, l: int, a_in: torch.Tensor, delta: torch.Tensor) -> list[torch.Tensor]:
-        """Central differences on the black box's own parameters, contracted with delta_l:
-        g_k = sum_b <delta_l[b], f(a; w + eps e_k)[b] - f(a; w - eps e_k)[b]> / (2 eps)."""
-        stage = self.stages[l - 1]
+    def _blackbox_grads(self, stage: BlackBox, name: str, a_in: torch.Tensor,
+                        delta: torch.Tensor) -> list[torch.Tensor]:
+        """Central differences on the black box's own parameters, contracted with its target delta:
+        g_k = sum_b <delta[b], f(a; w + eps e_k)[b] - f(a; w - eps e_k)[b]> / (2 eps)."""
         named = [(n, p) for n, p in stage.named_parameters() if p.requires_grad]
         flat = torch.cat([p.detach().reshape(-1) for _, p in named]).unsqueeze(0)  # [1, P]
         P = flat.shape[1]
         eps = stage.eps if stage.eps is not None else self._step(flat)
-        numerics.check_step(eps, flat, f"the parameters of {stage_name(self.stages, l)}",
+        numerics.check_step(eps, flat, f"the parameters of {name}",
                             "BlackBox eps" if stage.eps is not None else "eps", warned=self._step_warnings)
         colors = ops.dense_colors(P, device=flat.device)
         chunk = P if self.chunk_size is None else self.chunk_size
@@ -467,7 +483,7 @@ class StageEstimator:
             K = ids.numel()
             copies = ops.perturb(flat, colors, ids, eps).reshape(2 * K, P)
             out = self._run_on_param_copies(stage, named, copies, a_in)  # [2K, B, *T]
-            _check_finite(out, f"{stage_name(self.stages, l)} on perturbed parameters (black-box leaf)")
+            _check_finite(out, f"{name} on perturbed parameters (black-box leaf)")
             y = out.reshape(2, K, *out.shape[1:])
             owner = ops.dense_owner(ids, math.prod(y.shape[3:]))
             total += ops.contract(y, delta.to(y.dtype), owner, eps, num_inputs=P).sum(0)
@@ -484,7 +500,13 @@ class HZO(StageEstimator):
         model: ``nn.Sequential`` (children are stages) or a list of modules.
         loss_fn: a torch loss module (any reduction) or a callable returning per-sample losses.
         eps: finite-difference step (absolute, or relative to rms(a_m) with eps_mode='relative').
-        split: 'bisect' (m = j - (j-i)//2), 'chain' (m = j - 1) or a callable (i, j) -> m.
+        split: 'auto' (the default, the fastest accurate path): the op-level engine
+            (``hzo_ext.opengine``: a cut between every two ops of the traced graph, affine ops
+            folded, elementwise ops probed by the fused kernel); where it cannot run (see
+            ``self.engine_reason``), 'bisect' over the stages. Or the stage-wise engines:
+            'bisect' (the paper, m = j - (j-i)//2), 'chain' (m = j - 1), a callable (i, j) -> m.
+        memory_budget: bytes the op-level estimate may use beyond the model (default: half of
+            the device's memory); a plan predicted above it fails before running, saying why.
         chunk_size: at most this many probes per batched query (bounds peak memory; see plan()).
         spp: 'auto': a split whose a_m is spatial ([C, *spatial]) and whose right sub-network has
             a known footprint (``hzo_ext.spp``) is probed with the SPP coloring when that needs
@@ -512,30 +534,54 @@ class HZO(StageEstimator):
             (docs/executor.md).
     """
 
-    def __init__(self, model, loss_fn, eps: float = 1e-3, split="bisect", chunk_size: int | None = None,
+    def __init__(self, model, loss_fn, eps: float = 1e-3, split="auto", chunk_size: int | None = None,
                  spp="auto", eps_mode: str = "absolute", query_dtype: torch.dtype | None = None,
                  check_samples: bool = True, process_group=None, query_parallel: bool = False,
-                 executor: str = "auto", fast: bool = False):
+                 executor: str = "auto", fast: bool = False, memory_budget: int | None = None):
         super().__init__(model, loss_fn, eps, chunk_size, eps_mode, query_dtype, check_samples,
                          process_group, query_parallel)
-        check_split_policy(split)
+        check_split_policy(split, auto=True)
         if spp not in ("auto", True, False):
             raise ValueError(f"spp must be 'auto', True or False, got {spp!r}")
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                          or memory_budget < 1):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
         self.split = split
         self.spp = spp
+        self.memory_budget = memory_budget
+        self._stage_split = "bisect" if split == "auto" else split  # the stage-wise engines' policy
         self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
         self._barriers: dict = {}  # activation shapes -> the barrier stages (_split_policy)
         self._spp_warned: set = set()
+        self._op_plans: dict = {}  # (shape, dtype, device) of x -> the op-level plan (memory checked)
         self._executor_args = (executor, fast)
-        self._cpp = cpp_executor.select(self, executor, fast)  # None: the Python path
+        self._select_engine()
+
+    def _select_engine(self) -> None:
+        """split='auto': the op-level engine unless an option or the model rules it out
+        (``engine_reason`` says which); else the stage-wise engines (C++ executor or Python)."""
+        executor, fast = self._executor_args
+        self._ops, self.engine_reason = None, None
+        if self.split == "auto":
+            why = ("executor='cpp' runs the stage-wise engine" if executor == "cpp" else
+                   "fast=True is a C++ executor option" if fast else
+                   "query_parallel shards the probes of stage-wise splits" if self.query_parallel else None)
+            if why is None:
+                try:
+                    self._ops = opengine.OpProgram(self.model)
+                except opengine.Unsupported as exc:
+                    why = str(exc)
+            self.engine_reason = why
+        self._cpp = None if self._ops is not None else cpp_executor.select(self, executor, fast)
+        self.engine = "ops" if self._ops is not None else "stages"
         self.executor = "python" if self._cpp is None else "cpp"
 
     def _restaged(self) -> None:
         super()._restaged()
         self._colorings.clear()
         self._barriers.clear()
-        self._cpp = cpp_executor.select(self, *self._executor_args)  # lowered anew, or refused
-        self.executor = "python" if self._cpp is None else "cpp"
+        self._op_plans.clear()
+        self._select_engine()  # traced and lowered anew, or refused
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
         """The one place deciding how split (m, j] is probed: SPP coloring or dense (see ``spp``)."""
@@ -567,8 +613,8 @@ class HZO(StageEstimator):
         or a global one: a linear head, global pooling) is kept at the right end of its own range
         (m = j - 1 when it is stage j, else m = the barrier), so it never sits inside a long right
         half that would then be probed densely; ranges without barriers are bisected as usual."""
-        if self.spp is False or self.split != "bisect":
-            return self.split
+        if self.spp is False or self._stage_split != "bisect":
+            return self._stage_split
         key = tuple(map(tuple, shapes))
         if key not in self._barriers:
             self._barriers[key] = [l for l in range(1, len(shapes))
@@ -595,6 +641,8 @@ class HZO(StageEstimator):
         """The tree of splits for input x, before running anything but a clean forward for shapes."""
         self._refresh_stages()
         check_batch(x, None, self.stages)
+        if self._ops is not None:
+            return self._ops_plan(x)
         a, shapes = x.clone(), [tuple(x.shape[1:])]  # a copy: in-place ops must not write x
         for l in range(1, len(self.stages) + 1):
             a = run_stage(self.stages, l, a)
@@ -605,6 +653,8 @@ class HZO(StageEstimator):
     @outside_inference_mode
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._refresh_stages()
+        if self._ops is not None:
+            return self._backward_ops(x, y)
         if self._cpp is not None and not (isinstance(x, torch.Tensor) and x.dtype in numerics.LOW_PRECISION):
             self._probe_dtype = None  # the C++ executor probes in the model's dtype
             return self._cpp.backward(x, y)  # low-precision models: the Python path probes them in float32
@@ -649,3 +699,110 @@ class HZO(StageEstimator):
         self.last_stats.probes += mine
         self.last_stats.splits += 1
         return delta
+
+    # ---- the op-level engine (split='auto'; hzo_ext.opengine) ---------------------------------
+
+    def _op_coloring(self, step, in_shape, out_shape):
+        """How input of shape in_shape of a probed op is probed: the SPP coloring of its module
+        where the footprint is known and needs fewer probes, else dense."""
+        key = (step.node, in_shape, out_shape)
+        if key not in self._colorings:
+            dense = spp_geometry.DenseColoring(math.prod(in_shape))
+            chosen = dense
+            if self.spp is not False and step.module is not None and len(in_shape) >= 2 and len(step.inputs) == 1:
+                try:
+                    colored = spp_geometry.coloring_for([step.module], in_shape, out_shape, [step.label], [in_shape])
+                    chosen = colored if colored.num_colors < dense.num_colors else dense
+                except spp_geometry.NoFootprint:
+                    pass
+            self._colorings[key] = chosen
+        return self._colorings[key]
+
+    def _ops_plan(self, x: torch.Tensor) -> Plan:
+        """The op-level plan: one split per op, top down, from a clean forward of one sample."""
+        prog = self._ops
+        try:
+            env, _ = prog.forward(x[:1].clone(), keep_vjp=False)
+        except ValueError:
+            prog.forward(x.clone(), keep_vjp=False)  # the same error with the batch's shapes
+            raise
+        shapes = prog.shapes(env)
+        B = x.shape[0]
+        item = (numerics.probe_dtype(x.dtype, self.query_dtype) or x.dtype).itemsize
+        pos = {prog.traced.x: 0, **{s.node: s.index for s in prog.steps}}
+        size = lambda n: math.prod(shapes[pos[n]] or ())  # noqa: E731 (a bool or size: 1)
+        stored = B * item * (size(prog.traced.x) + sum(size(s.node) for s in prog.steps if not opengine.view_like(s)))
+        splits, names = [], []
+        for k, s in enumerate(reversed([s for s in prog.steps if shapes[s.index] is not None])):
+            n_out = size(s.node)
+            ins = [a for a in s.inputs if a is not prog.traced.x and shapes[pos[a]] is not None]
+            n_in = sum(size(a) for a in ins)
+            targets = B * item * (n_in + n_out)
+            if s.entry.kind == "affine":
+                how, probes, peak = "folded", n_in, targets + B * item * n_in
+            elif opengine.fused_elementwise(s, self.spp) and ins:
+                how, probes = "elementwise", 1
+                peak = targets + B * item * n_out * (1 if s.entry.kernel is not None else 4)
+            else:
+                colorings = [self._op_coloring(s, shapes[pos[a]], shapes[s.index]) for a in ins]
+                probes = sum(c.num_colors for c in colorings)
+                how = "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
+                c = max([c.num_colors for c in colorings] + [1])
+                c = c if self.chunk_size is None else min(c, self.chunk_size)
+                peak = targets + 2 * c * B * item * (max([size(a) for a in ins] + [0]) + n_out)
+            queries = 2 * (n_in if how == "folded" else probes)
+            splits.append(Split(s.index - 1, s.index - 1, s.index, k, probes, queries, 1, peak, how == "dense", how))
+        for s in prog.steps:
+            src = ", ".join(f"a_{pos[a]}" for a in s.inputs) or "constants"
+            names.append(f"op {s.index} ({s.label}, {s.entry.kind}) of {src}")
+        plan = Plan("auto (op-level chain)", B, tuple(s or () for s in shapes), item, self.chunk_size,
+                    tuple((sp,) for sp in splits), tuple(names), stored)
+        budget = self.memory_budget or opengine.default_memory_budget(x.device)
+        if plan.predicted_peak_bytes > budget:
+            gib = 1 / 2**30
+            raise MemoryError(f"the estimate is predicted to need {plan.predicted_peak_bytes * gib:.2f} GiB "
+                              f"(stored values {stored * gib:.2f} GiB + the largest split "
+                              f"{plan.peak_query_bytes * gib:.2f} GiB) beyond the model, over the memory budget of "
+                              f"{budget * gib:.2f} GiB; lower the batch size, pass chunk_size, or raise memory_budget")
+        return plan
+
+    def _backward_ops(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        with nvtx_range("hzo/estimate"):
+            self._prepare(x, y)
+            key = (tuple(x.shape), x.dtype, x.device)
+            if key not in self._op_plans:  # refuses a plan over the memory budget before anything runs
+                self._op_plans[key] = self._ops_plan(x)
+            prog = self._ops
+            first = self.check_samples and key not in self._dynamic_checked
+            if first:  # before the clean forward, so its memory is free again when that runs
+                with torch.no_grad():
+                    acts = [x.detach()]
+                    for l in range(1, len(self.stages) + 1):
+                        acts.append(run_stage(self.stages, l, acts[-1].clone()))
+                    check_stages_dynamic(self.stages, acts)
+                    model_out = acts[-1]
+                    del acts
+            env, local = prog.forward(x)
+            logits = env[prog.traced.out]
+            _check_finite(logits, "the model's output in the clean forward")
+            self.last_stats.forward_calls += 1
+            if first:
+                if not torch.allclose(model_out, logits, rtol=1e-5, atol=1e-6 * (1 + logits.abs().max().item())):
+                    raise ValueError("the op-level engine's forward differs from the model's (an op with side "
+                                     "effects or aliasing it cannot see); pass split='bisect'")
+                del model_out
+                self._dynamic_checked.add(key)
+            loss = self.loss.check_reproduces(logits, y)
+            perturbed = [(f"the input of op {s.index} ({s.label})", env[a]) for s in prog.steps
+                         if s.entry.kind != "affine" for a in s.inputs
+                         if a is not prog.traced.x and isinstance(env[a], torch.Tensor)]
+            perturbed.append(("the logits (loss head)", logits))
+            dtype = self._probe_dtype or x.dtype
+            for (what, a), amax in zip(perturbed, numerics.max_abs([a for _, a in perturbed])):
+                numerics.check_step_at(self._step(a), amax, dtype, what, warned=self._step_warnings)
+            with nvtx_range("hzo/head"), torch.no_grad():
+                delta = self._loss_head(logits, y)
+            opengine.OpRun(self, prog).targets(env, local, delta)
+        self.last_stats.seconds = time.perf_counter() - t0
+        return loss.detach()

@@ -23,26 +23,12 @@ import operator
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = ["Stages", "GraphStage", "opaque", "stages_of", "ModelWatch", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC"]
 
-# What traced pieces call, known once (SPP footprints, C++ lowering). Calls acting elementwise on
-# their one tensor argument (footprint: identity), each with the module whose forward it is where
-# there is one (the C++ executor runs it as that module; None: it runs in Python). Strings are
-# tensor methods.
-ELEMENTWISE_CALLS = {
-    F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, F.tanh: nn.Tanh, torch.tanh: nn.Tanh,
-    "tanh": nn.Tanh, "tanh_": nn.Tanh, F.sigmoid: nn.Sigmoid, torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid,
-    "sigmoid_": nn.Sigmoid, F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish, F.mish: nn.Mish,
-    F.relu6: None, F.hardsigmoid: None, F.hardtanh: None, F.leaky_relu: None, F.elu: None, F.softplus: None,
-    F.dropout: None, operator.neg: None, torch.neg: None, "neg": None, torch.abs: None, "abs": None, torch.exp: None,
-    "exp": None, "contiguous": None, "clone": None, "clamp": None, "clamp_min": None}
-# Sums of two tensors (residual adds), and all elementwise arithmetic between tensors.
-SUMS = {operator.add, operator.iadd, torch.add, "add", "add_"}
-ARITHMETIC = SUMS | {operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv, torch.sub, torch.mul,
-                     "sub", "sub_", "mul", "mul_", "div", "div_"}
+# The tables of traced calls live in the registry (one place for op knowledge).
+from .registry import ARITHMETIC, ELEMENTWISE_CALLS, SUMS  # noqa: E402,F401 (re-exported)
 
 _OPAQUE_ATTR = "_hzo_opaque"
 # Node results that are not tensors (sizes, dims): such a value never makes a cut.
@@ -54,6 +40,12 @@ def opaque(module: nn.Module) -> nn.Module:
     """Mark ``module`` opaque: traced models run it as one node, never looking into it."""
     setattr(module, _OPAQUE_ATTR, True)
     return module
+
+
+def is_opaque(module: nn.Module) -> bool:
+    """Run whole, never looked into: a BlackBox or a module marked with ``opaque``."""
+    from .stages import BlackBox
+    return isinstance(module, BlackBox) or getattr(module, _OPAQUE_ATTR, False)
 
 
 class Stages(list):
@@ -120,9 +112,7 @@ class _Tracer(fx.Tracer):
         self.opaque_ids = opaque_ids
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .stages import BlackBox
-        return (id(m) in self.opaque_ids or isinstance(m, BlackBox) or getattr(m, _OPAQUE_ATTR, False)
-                or super().is_leaf_module(m, qualname))
+        return id(m) in self.opaque_ids or is_opaque(m) or super().is_leaf_module(m, qualname)
 
 
 def _defaults(module: nn.Module) -> dict:
@@ -181,8 +171,17 @@ def _is_meta(node: fx.Node, meta: set) -> bool:
     return False
 
 
-def stages_of(model: nn.Module) -> Stages:
-    """The chain of stages of a traced model (see the module docstring)."""
+class Traced:
+    """A model's graph with its one input ``x`` and output ``out``; ``order``: the nodes whose
+    value depends on x (x first), in topological order; ``meta``: those of them that are sizes
+    or other non-tensors."""
+
+    def __init__(self, graph: fx.Graph, x: fx.Node, out: fx.Node, order: list, meta: set):
+        self.graph, self.x, self.out, self.order, self.meta = graph, x, out, order, meta
+
+
+def trace(model: nn.Module) -> Traced:
+    """Trace ``model`` (untraceable submodules opaque, one warning naming them), keep one input."""
     graph, untraced = _trace(model)
     if untraced:
         warnings.warn(f"torch.fx cannot trace {', '.join(untraced)}: run as opaque nodes (whole, never split)",
@@ -217,6 +216,13 @@ def stages_of(model: nn.Module) -> Stages:
             if _is_meta(n, meta):
                 meta.add(n)
     order = [n for n in nodes if n in state]  # x first
+    return Traced(graph, x, out, order, meta)
+
+
+def stages_of(model: nn.Module) -> Stages:
+    """The chain of stages of a traced model (see the module docstring)."""
+    t = trace(model)
+    out, order, meta = t.out, t.order, t.meta
     pos = {n: i for i, n in enumerate(order)}
     last_use = {n: max([pos[u] for u in n.users if u in pos] + [len(order) if n is out else -1]) for n in order}
 

@@ -15,7 +15,7 @@ import torch
 from . import _torch_impl
 from ._ext import has_extension
 
-__all__ = ["perturb", "contract", "contract_spp", "dense_colors", "dense_owner"]
+__all__ = ["perturb", "contract", "contract_spp", "probe_elementwise", "probe_linear", "dense_colors", "dense_owner"]
 
 
 def perturb(a: torch.Tensor, colors: torch.Tensor, probe_ids: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,6 +56,26 @@ def contract_spp(y: torch.Tensor, target: torch.Tensor, colors: torch.Tensor, pr
     if has_extension():
         return torch.ops.hzo_ext.contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps)
     return _torch_impl.contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps)
+
+
+def probe_elementwise(z: torch.Tensor, target: torch.Tensor, eps: float, act: int, alpha: float = 0.0,
+                      beta: float = 0.0) -> torch.Tensor:
+    """Fused probe of an elementwise piece s (kernel code ``act``, hzo_ext.registry.ACT_CODES;
+    alpha/beta its settings): ``target * (s(z + eps) - s(z - eps)) / (2 eps)``, every
+    coordinate's +-eps pair and the contraction in one pass, no perturbed copy in memory."""
+    if has_extension():
+        return torch.ops.hzo_ext.probe_elementwise(z, target, eps, act, alpha, beta)
+    return _torch_impl.probe_elementwise(z, target, eps, act, alpha, beta)
+
+
+def probe_linear(z: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, eps: float, act: int,
+                 alpha: float = 0.0, beta: float = 0.0) -> torch.Tensor:
+    """Fused probe of a Linear-then-elementwise piece ``s(W a + b)``, z = W a + b [B, Q] the clean
+    output, weight = W [Q, K]: ``out[b, k] = sum_q target[b, q] (s(z[b, q] + eps W[q, k]) -
+    s(z[b, q] - eps W[q, k])) / (2 eps)``, the perturbation folded through W exactly."""
+    if has_extension():
+        return torch.ops.hzo_ext.probe_linear(z, weight, target, eps, act, alpha, beta)
+    return _torch_impl.probe_linear(z, weight, target, eps, act, alpha, beta)
 
 
 def dense_colors(num_coords: int, device=None) -> torch.Tensor:
@@ -127,6 +147,16 @@ if has_extension():
         _torch_impl.check_contract_spp(y, target, colors, probe_start, boxes, in_shape, channelwise, eps,
                                        values=False)
         return y.new_empty((y.shape[2], math.prod(in_shape)))
+
+    @torch.library.register_fake("hzo_ext::probe_elementwise")
+    def _probe_elementwise_fake(z, target, eps, act, alpha, beta):
+        _torch_impl.check_probe_elementwise(z, target, eps, act)
+        return torch.empty_like(z)
+
+    @torch.library.register_fake("hzo_ext::probe_linear")
+    def _probe_linear_fake(z, weight, target, eps, act, alpha, beta):
+        _torch_impl.check_probe_linear(z, weight, target, eps, act)
+        return z.new_empty((z.shape[0], weight.shape[1]))
 
     torch.library.register_autograd("hzo_ext::contract_spp", _contract_backward, setup_context=_setup_contract_spp)
     torch.library.register_autograd("hzo_ext::perturb", _perturb_backward, setup_context=_setup_perturb)

@@ -56,7 +56,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "history", "cosines", "epoch", "config"
 class TrainConfig:
     out: str
     estimator: str = "hzo"
-    split: str = "bisect"
+    split: str = "auto"
     eps: float = 1e-3
     model: str = "resmlp"
     dataset: str = "digits"
@@ -82,8 +82,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)})")
-    if cfg.split not in ("bisect", "chain"):
-        raise ValueError(f"unknown split {cfg.split!r} (choose from bisect, chain)")
+    if cfg.split not in ("auto", "bisect", "chain"):
+        raise ValueError(f"unknown split {cfg.split!r} (choose from auto, bisect, chain)")
     if cfg.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {cfg.optimizer!r} (choose from adam, sgd)")
     if cfg.width is None:

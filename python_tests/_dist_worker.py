@@ -41,15 +41,17 @@ WEIGHTS = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)
 # name -> (model, estimator factory (model, loss, group) -> est, loss, slice of the whole batch per rank or None
 # (query-parallel: every rank the whole batch), image input)
 SCENARIOS = {
-    "dp_hzo_plain": (lambda: deep_mlp(6, 12, "gelu"), lambda m, l, g: hzo_ext.HZO(m, l, process_group=g),
+    "dp_hzo_plain": (lambda: deep_mlp(6, 12, "gelu"), lambda m, l, g: hzo_ext.HZO(m, l, process_group=g, split="bisect"),
                      nn.CrossEntropyLoss, [slice(0, 5), slice(5, 10)], False),
     "dp_hzo_residual_unequal": (lambda: deep_mlp(8, 12, "gelu", residual=True),
                                 lambda m, l, g: hzo_ext.HZO(m, l, split="chain", process_group=g),
                                 nn.CrossEntropyLoss, [slice(0, 7), slice(7, 10)], False),
     "dp_hzo_weighted_ce": (lambda: deep_mlp(5, 10, "tanh", residual=True),
-                           lambda m, l, g: hzo_ext.HZO(m, l, process_group=g),
+                           lambda m, l, g: hzo_ext.HZO(m, l, process_group=g, split="bisect"),
                            lambda: nn.CrossEntropyLoss(weight=WEIGHTS), [slice(0, 3), slice(3, 10)], False),
-    "dp_hzo_sum": (lambda: deep_mlp(4, 10, "gelu"), lambda m, l, g: hzo_ext.HZO(m, l, process_group=g),
+    "dp_hzo_auto": (lambda: deep_mlp(6, 12, "gelu", residual=True), lambda m, l, g: hzo_ext.HZO(m, l, process_group=g),
+                    nn.CrossEntropyLoss, [slice(0, 4), slice(4, 10)], False),
+    "dp_hzo_sum": (lambda: deep_mlp(4, 10, "gelu"), lambda m, l, g: hzo_ext.HZO(m, l, process_group=g, split="bisect"),
                    lambda: nn.CrossEntropyLoss(reduction="sum"), [slice(0, 6), slice(6, 10)], False),
     "dp_cge": (lambda: deep_mlp(4, 8, "gelu", residual=True), lambda m, l, g: hzo_ext.CGE(m, l, process_group=g),
                nn.CrossEntropyLoss, [slice(0, 4), slice(4, 10)], False),
@@ -60,13 +62,13 @@ SCENARIOS = {
                     lambda m, l, g: hzo_ext.Backprop(m, l, process_group=g),
                     nn.CrossEntropyLoss, [slice(0, 6), slice(6, 10)], False),
     "qp_hzo_dense": (lambda: deep_mlp(9, 12, "gelu", residual=True),
-                     lambda m, l, g: hzo_ext.HZO(m, l, process_group=g, query_parallel=g is not None),
+                     lambda m, l, g: hzo_ext.HZO(m, l, process_group=g, query_parallel=g is not None, split="bisect"),
                      nn.CrossEntropyLoss, None, False),
     "qp_hzo_plain_chunked": (lambda: deep_mlp(6, 11, "tanh"),
                              lambda m, l, g: hzo_ext.HZO(m, l, chunk_size=4, eps_mode="relative",
-                                                         process_group=g, query_parallel=g is not None),
+                                                         process_group=g, query_parallel=g is not None, split="bisect"),
                              nn.CrossEntropyLoss, None, False),
-    "qp_hzo_spp_cnn": (cnn, lambda m, l, g: hzo_ext.HZO(m, l, chunk_size=5, process_group=g, query_parallel=g is not None),
+    "qp_hzo_spp_cnn": (cnn, lambda m, l, g: hzo_ext.HZO(m, l, chunk_size=5, process_group=g, query_parallel=g is not None, split="bisect"),
                        nn.CrossEntropyLoss, None, True),
     "qp_cge": (lambda: deep_mlp(4, 8, "gelu", residual=True),
                lambda m, l, g: hzo_ext.CGE(m, l, process_group=g, query_parallel=g is not None),
@@ -103,7 +105,7 @@ def accumulate(rank, group):
     """p.grad accumulates, like autograd: twice the same estimate gives twice the gradient."""
     model = deep_mlp(3, 8, "gelu", residual=True)
     x, y = data()
-    est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group)
+    est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, split="bisect")
     for _ in range(2):
         est.backward(x[rank * 5:(rank + 1) * 5], y[rank * 5:(rank + 1) * 5])
     return dict(grads={n: p.grad.clone() for n, p in model.named_parameters()})
@@ -114,7 +116,7 @@ def broadcast(rank, group):
     model = deep_mlp(3, 8, "gelu", seed=rank)
     hzo_ext.distributed.broadcast_parameters(model, group)
     x, y = data()
-    hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True).backward(x, y)
+    hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True, split="bisect").backward(x, y)
     return dict(weights={n: p.detach().clone() for n, p in model.named_parameters()})
 
 
@@ -123,30 +125,30 @@ def bad(kind, rank, group):
     x, y = data()
     if kind == "qp_batch_size":
         model, (x, y) = deep_mlp(3, 8, "gelu"), data(n=B if rank == 0 else 8)
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True, split="bisect")
     elif kind == "qp_batch_contents":
         model, (x, y) = deep_mlp(3, 8, "gelu"), data(seed=1 + rank)
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True, split="bisect")
     elif kind == "dp_model_shapes":
         model = deep_mlp(3, 8 if rank == 0 else 9, "gelu")
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, split="bisect")
     elif kind == "dp_model_depth":
         model = deep_mlp(3 + rank, 8, "gelu")
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, split="bisect")
     elif kind == "qp_model_weights":
         model = deep_mlp(3, 8, "gelu", seed=rank)
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, query_parallel=True, split="bisect")
     elif kind == "dp_settings":
         model = deep_mlp(3, 8, "gelu")
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=1e-3 * (1 + rank), process_group=group)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=1e-3 * (1 + rank), process_group=group, split="bisect")
     elif kind == "dp_bad_input_one_rank":
         model = deep_mlp(3, 8, "gelu")
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, split="bisect")
         if rank == 1:
             x = x.float()
     elif kind == "dp_failure_inside_estimate":
         model = deep_mlp(3, 8, "gelu")
-        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group)
+        est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), process_group=group, split="bisect")
         if rank == 1:
             x = x.clone()
             x[0, 0] = 1e308  # finite (inf is refused before the estimate), too large for eps=1e-3 inside it
@@ -182,7 +184,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     done = os.path.join(out, "timeout.txt")
     if rank == 0:
         hzo_ext.distributed.TIMEOUT = timedelta(seconds=2)
-        est = hzo_ext.HZO(deep_mlp(3, 8, "gelu"), nn.CrossEntropyLoss(), process_group=group)
+        est = hzo_ext.HZO(deep_mlp(3, 8, "gelu"), nn.CrossEntropyLoss(), process_group=group, split="bisect")
         try:
             est.backward(*data())
             message = "no error"

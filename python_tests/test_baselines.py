@@ -41,7 +41,7 @@ def test_cge_uniform_formula_and_hzo_saving(k):
     L, M = 2 ** k, 6
     model = nn.Sequential(*[nn.Sequential(nn.Linear(M, M), nn.Tanh()) for _ in range(L)]).double()
     x, y = torch.randn(2, M, dtype=torch.float64), torch.randint(0, M, (2,))
-    cge, hzo = hzo_ext.CGE(model, CE()), hzo_ext.HZO(model, CE())
+    cge, hzo = hzo_ext.CGE(model, CE()), hzo_ext.HZO(model, CE(), split="bisect")
     cge.backward(x, y)
     hzo.backward(x, y)
     assert cge.last_stats.fd_layer_evals == M * L * (L - 1)

@@ -101,7 +101,7 @@ def test_query_parallel_cnn_has_an_spp_split():
 def test_data_parallel_accumulates_like_autograd(ranks):
     model = worker.deep_mlp(3, 8, "gelu", residual=True)
     x, y = worker.data()
-    hzo_ext.HZO(model, nn.CrossEntropyLoss()).backward(x, y)
+    hzo_ext.HZO(model, nn.CrossEntropyLoss(), split="bisect").backward(x, y)
     once = {n: p.grad for n, p in model.named_parameters()}
     _assert_round_off(ranks[0]["accumulate"]["grads"], {n: 2 * g for n, g in once.items()}, 1e-10)
 
@@ -140,11 +140,11 @@ def test_a_missing_rank_times_out_with_a_clear_error(ranks):
 def test_arguments_without_a_group():
     model = worker.deep_mlp(2, 4, "gelu")
     with pytest.raises(ValueError, match="query_parallel=True needs a process_group"):
-        hzo_ext.HZO(model, nn.CrossEntropyLoss(), query_parallel=True)
+        hzo_ext.HZO(model, nn.CrossEntropyLoss(), query_parallel=True, split="bisect")
     with pytest.raises(ValueError, match="not initialised"):
         hzo_ext.Backprop(model, nn.CrossEntropyLoss(), process_group=object())
     with pytest.raises(TypeError, match="query_parallel must be a bool"):
-        hzo_ext.HZO(model, nn.CrossEntropyLoss(), query_parallel=1)
+        hzo_ext.HZO(model, nn.CrossEntropyLoss(), query_parallel=1, split="bisect")
 
 
 @pytest.mark.parametrize("options,words", [

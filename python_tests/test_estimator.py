@@ -158,8 +158,8 @@ def test_plan_levels_are_independent_and_cover(policy):
 def test_plan_before_running_and_chunk_memory():
     model = mlp(6, 16, "gelu")
     x, _ = batch(4)
-    full = hzo_ext.HZO(model, CE()).plan(x)
-    chunked = hzo_ext.HZO(model, CE(), chunk_size=4).plan(x)
+    full = hzo_ext.HZO(model, CE(), split="bisect").plan(x)
+    chunked = hzo_ext.HZO(model, CE(), chunk_size=4, split="bisect").plan(x)
     assert all(p.grad is None for p in model.parameters())
     assert chunked.fd_layer_evals == full.fd_layer_evals
     assert max(s.chunks for s in chunked.splits) == 4  # 16 probes, 4 at a time
@@ -171,12 +171,12 @@ def test_plan_before_running_and_chunk_memory():
 def test_chunk_size_bounds_query_rows_and_keeps_result():
     model = mlp(7, 16, "gelu", residual=True)
     x, y = batch(3)
-    hzo_ext.HZO(model, CE()).backward(x, y)
+    hzo_ext.HZO(model, CE(), split="bisect").backward(x, y)
     whole = hzo_ext.grads_of(model)
     model.zero_grad(set_to_none=True)
     rows = []
     hooks = [s.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0])) for s in model]
-    hzo_ext.HZO(model, CE(), chunk_size=5).backward(x, y)
+    hzo_ext.HZO(model, CE(), chunk_size=5, split="bisect").backward(x, y)
     for h in hooks:
         h.remove()
     assert max(rows) == 2 * 5 * 3
@@ -266,6 +266,8 @@ def test_refuses_non_modules_and_non_tensor_stages():
         hzo_ext.HZO("not a model", CE())
     model = nn.Sequential(nn.Linear(6, 5), TupleOut(), nn.Linear(5, 5)).double()
     with pytest.raises(TypeError, match="stage 2 \\(TupleOut\\) returned a tuple"):
+        hzo_ext.HZO(model, CE(), split="bisect").backward(*batch())
+    with pytest.raises(ValueError, match=r"op \d \(2: Linear\) failed on an input of shape"):
         hzo_ext.HZO(model, CE()).backward(*batch())
 
 
@@ -277,7 +279,7 @@ def test_bad_shapes_and_dtypes():
         est.backward(x.float(), y)
     with pytest.raises(ValueError, match="batch size"):
         est.backward(x, y[:3])
-    with pytest.raises(ValueError, match="stage 1 \\(Linear\\) failed on an input of shape \\(4, 7\\)"):
+    with pytest.raises(ValueError, match=r"op 1 \(0: Linear\) failed on an input of shape \(4, 7\)"):
         est.backward(torch.randn(4, 7, dtype=torch.float64), y)
     with pytest.raises(TypeError, match="floating"):
         est.backward(torch.ones(4, 6, dtype=torch.int64), y)
@@ -300,6 +302,16 @@ def test_non_finite_query_names_stage_and_split():
         model[0].bias.fill_(-0.07)  # clean exp(1e4 tanh(-.07)) is finite (and tiny), a_2 + 0.5 overflows
     x, y = batch()
     with pytest.raises(ValueError, match=r"stage 3 \(Blowup\) while probing split \(0, 2, 4\]"), \
+            pytest.warns(UserWarning, match="truncation dominates"):
+        hzo_ext.HZO(model, CE(), eps=0.5, split="bisect").backward(x, y)
+    # the default engine perturbs exp's input 1e4 * a_2, not a_2: no overflow there, finite
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="truncation dominates"):
+        hzo_ext.HZO(model, CE(), eps=0.5).backward(x, y)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # an opaque Blowup is probed whole: a_1 + 0.5 overflows, named by op
+    model = nn.Sequential(model[0], hzo_ext.opaque(Blowup()), model[3])
+    with pytest.raises(ValueError, match=r"non-finite value \(inf/nan\) in a query: op 2 \(1: Blowup\)"), \
             pytest.warns(UserWarning, match="truncation dominates"):
         hzo_ext.HZO(model, CE(), eps=0.5).backward(x, y)
 

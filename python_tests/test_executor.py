@@ -24,7 +24,7 @@ def _run(model, loss_fn, x, y, executor, **kw):
     model.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SPP's dense-fallback warnings
-        est = hzo_ext.HZO(model, loss_fn, executor=executor, **kw)
+        est = hzo_ext.HZO(model, loss_fn, executor=executor, **{"split": "bisect", **kw})
         loss = est.backward(x, y)
     assert est.executor == executor
     return hzo_ext.grads_of(model), loss, est.last_stats
@@ -202,7 +202,7 @@ def test_list_of_modules_and_frozen_parameters_accumulate():
     x, y = batch()
     for executor in ("python", "cpp"):
         model.zero_grad(set_to_none=True)
-        est = hzo_ext.HZO(stages, CE(), executor=executor)
+        est = hzo_ext.HZO(stages, CE(), executor=executor, split="bisect")
         est.backward(x, y)
         est.backward(x, y)
         if executor == "python":
@@ -296,7 +296,7 @@ def test_standard_models_make_no_python_call(make, data):
     model, (x, y) = make(), data()
     calls, handle = _count_stage_calls(model)
     try:
-        est = hzo_ext.HZO(model, CE(), executor="cpp")
+        est = hzo_ext.HZO(model, CE(), executor="cpp", split="bisect")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             est.backward(x, y)  # the first estimate too (lowered stages need no dynamic check)
@@ -304,7 +304,7 @@ def test_standard_models_make_no_python_call(make, data):
     finally:
         handle.remove()
     assert calls[0] == 0 and est.last_stats.forward_calls == 0
-    assert hzo_ext.HZO(model, CE()).executor == "cpp"  # auto
+    assert hzo_ext.HZO(model, CE(), split="bisect").executor == "cpp"  # auto
 
 
 class Counting(nn.Module):
@@ -376,8 +376,8 @@ def test_hooked_stage_runs_in_python_and_sees_chunked_rows():
 def test_lowering_follows_parameter_updates_replacements_and_hooks():
     model = mlp(4, 8, "tanh", residual=True)
     x, y = batch()
-    est = hzo_ext.HZO(model, CE(), executor="cpp")
-    py = hzo_ext.HZO(model, CE(), executor="python")
+    est = hzo_ext.HZO(model, CE(), executor="cpp", split="bisect")
+    py = hzo_ext.HZO(model, CE(), executor="python", split="bisect")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def check():
@@ -406,7 +406,7 @@ def test_lowering_follows_parameter_updates_replacements_and_hooks():
 def test_dtype_conversion_after_first_estimate():
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 5)).eval()
     x, y = batch(dtype=torch.float32)
-    est = hzo_ext.HZO(model, CE(), executor="cpp")
+    est = hzo_ext.HZO(model, CE(), executor="cpp", split="bisect")
     est.backward(x, y)
     model.double()  # parameters keep their objects, buffers are replaced
     g_py, _, _ = _run(model, CE(), x.double(), y, "python")
@@ -425,7 +425,7 @@ def _same_error(make_model, x, y, loss_fn=None, **kw):
     for executor in ("python", "cpp"):
         model = make_model()
         with pytest.raises(Exception) as info:
-            hzo_ext.HZO(model, loss_fn or CE(), executor=executor, **kw).backward(x, y)
+            hzo_ext.HZO(model, loss_fn or CE(), executor=executor, **{"split": "bisect", **kw}).backward(x, y)
         errors.append((type(info.value), str(info.value)))
         assert all(p.grad is None for p in model.parameters())
     assert errors[0] == errors[1]
@@ -477,12 +477,12 @@ def test_non_finite_same_errors():
 def test_auto_falls_back_and_cpp_refuses_clearly(monkeypatch):
     model = mlp(2, 8)
     if hzo_ext.has_extension():
-        assert hzo_ext.HZO(model, CE()).executor == "cpp"
+        assert hzo_ext.HZO(model, CE(), split="bisect").executor == "cpp"
         monkeypatch.setattr(hzo_ext._ext, "_C", None)  # as with HZO_EXT_DISABLE=1
-    assert hzo_ext.HZO(model, CE()).executor == "python"
-    assert hzo_ext.HZO(model, CE(), fast=True).executor == "python"
+    assert hzo_ext.HZO(model, CE(), split="bisect").executor == "python"
+    assert hzo_ext.HZO(model, CE(), fast=True, split="bisect").executor == "python"
     with pytest.raises(ValueError, match="executor='cpp'.*extension is not loaded"):
-        hzo_ext.HZO(model, CE(), executor="cpp")
+        hzo_ext.HZO(model, CE(), executor="cpp", split="bisect")
 
 
 @needs_ext
@@ -490,13 +490,13 @@ def test_unsupported_options_pick_python_or_raise():
     model = mlp(2, 8)
     bb = nn.Sequential(nn.Linear(6, 8), hzo_ext.BlackBox(nn.Linear(8, 5))).double()
     for kw, model_, name in (({"query_dtype": torch.float64}, model, "query_dtype"), ({}, bb, "BlackBox")):
-        assert hzo_ext.HZO(model_, CE(), **kw).executor == "python"
+        assert hzo_ext.HZO(model_, CE(), **{"split": "bisect", **kw}).executor == "python"
         with pytest.raises(ValueError, match=name):
-            hzo_ext.HZO(model_, CE(), executor="cpp", **kw)
+            hzo_ext.HZO(model_, CE(), executor="cpp", **{"split": "bisect", **kw})
     with pytest.raises(ValueError, match="executor must be one of"):
-        hzo_ext.HZO(model, CE(), executor="c++")
+        hzo_ext.HZO(model, CE(), executor="c++", split="bisect")
     with pytest.raises(ValueError, match="fast=True needs the C\\+\\+ executor"):
-        hzo_ext.HZO(model, CE(), executor="python", fast=True)
+        hzo_ext.HZO(model, CE(), executor="python", fast=True, split="bisect")
 
 
 def test_disabled_extension_subprocess():
@@ -504,8 +504,8 @@ def test_disabled_extension_subprocess():
     import subprocess
     import sys
     code = ("import hzo_ext, torch; from torch import nn; m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)); "
-            "assert hzo_ext.HZO(m, nn.CrossEntropyLoss()).executor == 'python'\n"
-            "try:\n  hzo_ext.HZO(m, nn.CrossEntropyLoss(), executor='cpp')\nexcept ValueError as e:\n  print(e)")
+            "assert hzo_ext.HZO(m, nn.CrossEntropyLoss(), split='bisect').executor == 'python'\n"
+            "try:\n  hzo_ext.HZO(m, nn.CrossEntropyLoss(), executor='cpp', split='bisect')\nexcept ValueError as e:\n  print(e)")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HZO_EXT_DISABLE": "1"},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -516,7 +516,7 @@ def test_disabled_extension_subprocess():
 
 def _fast(model, x, y, **kw):
     model.zero_grad(set_to_none=True)
-    est = hzo_ext.HZO(model, CE(), executor="cpp", fast=True, **kw)
+    est = hzo_ext.HZO(model, CE(), executor="cpp", fast=True, **{"split": "bisect", **kw})
     est.backward(x, y)
     return hzo_ext.grads_of(model), est._cpp.last_outcome
 
@@ -538,7 +538,7 @@ def test_fast_reuses_its_buffers_across_estimates_float64():
     # the stacked queries keep their buffers across estimates: estimates after a weight update
     # and on another batch size still equal the Python path's
     model = mlp(13, 16, "gelu", residual=True)
-    est = hzo_ext.HZO(model, CE(), executor="cpp", fast=True, chunk_size=6)
+    est = hzo_ext.HZO(model, CE(), executor="cpp", fast=True, chunk_size=6, split="bisect")
     for n in (4, 4, 7):
         x, y = batch(n, seed=n)
         model.zero_grad(set_to_none=True)

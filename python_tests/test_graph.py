@@ -178,9 +178,13 @@ def test_functional_mlp_reusing_one_activation(executor):
 def test_plan_names_the_traced_stages():
     torch.manual_seed(0)
     model = FunctionalMLP().double()
-    text = str(hzo_ext.HZO(model, nn.CrossEntropyLoss()).plan(torch.randn(2, 6, dtype=torch.float64)))
+    x = torch.randn(2, 6, dtype=torch.float64)
+    text = str(hzo_ext.HZO(model, nn.CrossEntropyLoss(), split="bisect").plan(x))
     assert "HZO plan: 5 stages" in text
     assert "a_2 [8] after stage 2 (act: GELU)" in text and "a_4 [8] after stage 4 (act: GELU)" in text
+    # the default, op-level plan: every op a stage, each with the states it reads
+    text = str(hzo_ext.HZO(model, nn.CrossEntropyLoss()).plan(x))
+    assert "a_2 [8] after op 2 (act: GELU, elementwise) of a_1" in text
 
 
 # ---- the cases that were silently wrong ------------------------------------------------------
@@ -250,7 +254,7 @@ def test_stage_appended_after_construction_is_used(executor):
     assert set(cos) == {n for n, _ in model.named_parameters()} and min(cos.values()) > 0.9999
     assert len(est.stages) == 5 and est.plan(x).num_stages == 5
     model[2] = nn.Linear(8, 16).double()  # now the chain no longer fits: refused, never ignored
-    with pytest.raises(ValueError, match="stage 5"):
+    with pytest.raises(ValueError, match=r"stage 5|op 5 \(4: Linear\) failed"):
         est.backward(x, y)
 
 

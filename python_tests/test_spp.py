@@ -52,7 +52,7 @@ def _grads(model, loss_fn, x, y, **kw):
     model.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the dense-fallback warning of the head
-        est = hzo_ext.HZO(model, loss_fn, **kw)
+        est = hzo_ext.HZO(model, loss_fn, **{"split": "bisect", **kw})  # the stage-wise engine's SPP
         est.backward(x, y)
     return hzo_ext.grads_of(model), est
 

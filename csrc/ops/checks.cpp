@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include "../core/elementwise.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -178,6 +180,45 @@ ContractSppArgs prepare_contract_spp(const at::Tensor& y, const at::Tensor& targ
   args.g.lo = args.boxes.data_ptr<int64_t>();
   args.g.hi = args.g.lo + args.boxes.size(1);
   return args;
+}
+
+static void check_act(int64_t act, const char* op) {
+  TORCH_CHECK_VALUE(act >= 0 && act < static_cast<int64_t>(Act::kCount), op, ": act must be a code in [0, ",
+                    static_cast<int64_t>(Act::kCount), "), got ", act);
+}
+
+// other matches z in dtype (`name` names it).
+static void check_same_dtype(const at::Tensor& other, const at::Tensor& z, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(other.scalar_type() == z.scalar_type(), op, ": ", name, " dtype ",
+                   dtype_name(other.scalar_type()), " does not match z dtype ", dtype_name(z.scalar_type()));
+}
+
+void check_probe_elementwise_args(const at::Tensor& z, const at::Tensor& target, double eps, int64_t act) {
+  const char* op = "hzo_ext::probe_elementwise";
+  check_device(target, z, op, "target", "z");
+  check_eps(eps, op);
+  check_act(act, op);
+  check_floating(z, op, "z");
+  check_same_dtype(target, z, op, "target");
+  TORCH_CHECK_VALUE(target.sizes() == z.sizes(), op, ": target must have the shape of z, ", z.sizes(),
+                    ", got shape ", target.sizes());
+}
+
+void check_probe_linear_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target, double eps,
+                             int64_t act) {
+  const char* op = "hzo_ext::probe_linear";
+  check_device(weight, z, op, "weight", "z");
+  check_device(target, z, op, "target", "z");
+  check_eps(eps, op);
+  check_act(act, op);
+  check_floating(z, op, "z");
+  check_same_dtype(weight, z, op, "weight");
+  check_same_dtype(target, z, op, "target");
+  TORCH_CHECK_VALUE(z.dim() == 2, op, ": z must be [B, Q], got shape ", z.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == z.size(1), op, ": weight must be [Q, K] with Q = ",
+                    z.size(1), ", got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(target.sizes() == z.sizes(), op, ": target must have the shape of z, ", z.sizes(),
+                    ", got shape ", target.sizes());
 }
 
 OwnerCsr owner_csr(const at::Tensor& owner, int64_t num_inputs) {

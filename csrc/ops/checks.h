@@ -35,6 +35,13 @@ ContractSppArgs prepare_contract_spp(const at::Tensor& y, const at::Tensor& targ
                                      int64_t probe_start, const at::Tensor& boxes, at::IntArrayRef in_shape,
                                      bool channelwise, double eps);
 
+// probe_elementwise: z floating, target same device, dtype and shape, act a code of Act.
+void check_probe_elementwise_args(const at::Tensor& z, const at::Tensor& target, double eps, int64_t act);
+
+// probe_linear: z [B, Q] floating, weight [Q, K] and target [B, Q] same device and dtype.
+void check_probe_linear_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target, double eps,
+                             int64_t act);
+
 // The owner map grouped by input coordinate, in (k, q) flat order: entries of coordinate s are
 // perm[offsets[s] .. offsets[s+1]). Device-agnostic (built with ATen on owner's device).
 struct OwnerCsr {

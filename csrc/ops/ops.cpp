@@ -20,4 +20,13 @@ TORCH_LIBRARY(hzo_ext, m) {
   // Returns [B, prod(in_shape)].
   m.def("contract_spp(Tensor y, Tensor target, Tensor colors, int probe_start, Tensor boxes, int[] in_shape, "
         "bool channelwise, float eps) -> Tensor");
+  // Fused probes (DESIGN.md "Fused probes"): the +-eps pairs, the masking and the contraction of
+  // an affine-then-elementwise piece in one kernel, no perturbed copy in memory. `act` is the
+  // elementwise function's code (csrc/core/elementwise.h), alpha/beta its settings.
+  // Diagonal affine part (the piece is s alone): out = target * (s(z + eps) - s(z - eps)) / (2 eps).
+  m.def("probe_elementwise(Tensor z, Tensor target, float eps, int act, float alpha, float beta) -> Tensor");
+  // Dense affine part A = weight [Q, K] (a Linear's weight), z = A a + b [B, Q] the clean output:
+  // out[b, k] = sum_q target[b, q] * (s(z[b, q] + eps A[q, k]) - s(z[b, q] - eps A[q, k])) / (2 eps).
+  m.def("probe_linear(Tensor z, Tensor weight, Tensor target, float eps, int act, float alpha, float beta) "
+        "-> Tensor");
 }

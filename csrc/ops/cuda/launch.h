@@ -24,4 +24,11 @@ const char* launch_contract_spp(DType dtype, const void* y, const void* target, 
                                 const BoxGeometry& g, void* out, int64_t K, int64_t B, int64_t probe_start,
                                 double eps, void* stream);
 
+// The fused probes (see ops.cpp); wt is the weight transposed, [K, Q] contiguous.
+const char* launch_probe_elementwise(DType dtype, const void* z, const void* target, void* out, int64_t n,
+                                     double eps, int64_t act, double alpha, double beta, void* stream);
+const char* launch_probe_linear(DType dtype, const void* z, const void* wt, const void* target, void* out,
+                                int64_t B, int64_t Q, int64_t K, double eps, int64_t act, double alpha, double beta,
+                                void* stream);
+
 }  // namespace hzo

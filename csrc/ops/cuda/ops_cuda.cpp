@@ -79,7 +79,37 @@ at::Tensor contract_spp_cuda(const at::Tensor& y_in, const at::Tensor& target_in
   return out;
 }
 
+at::Tensor probe_elementwise_cuda(const at::Tensor& z_in, const at::Tensor& target_in, double eps, int64_t act,
+                                  double alpha, double beta) {
+  check_probe_elementwise_args(z_in, target_in, eps, act);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const auto z = z_in.contiguous();
+  const auto target = target_in.contiguous();
+  auto out = at::empty_like(z);
+  const char* err = launch_probe_elementwise(to_dtype(z.scalar_type()), z.data_ptr(), target.data_ptr(),
+                                             out.data_ptr(), z.numel(), eps, act, alpha, beta, current_stream());
+  TORCH_CHECK(err == nullptr, "hzo_ext::probe_elementwise: CUDA launch failed: ", err);
+  return out;
+}
+
+at::Tensor probe_linear_cuda(const at::Tensor& z_in, const at::Tensor& weight, const at::Tensor& target_in,
+                             double eps, int64_t act, double alpha, double beta) {
+  check_probe_linear_args(z_in, weight, target_in, eps, act);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const auto z = z_in.contiguous();
+  const auto target = target_in.contiguous();
+  const auto wt = weight.t().contiguous();
+  auto out = at::empty({z.size(0), weight.size(1)}, z.options());
+  const char* err = launch_probe_linear(to_dtype(z.scalar_type()), z.data_ptr(), wt.data_ptr(), target.data_ptr(),
+                                        out.data_ptr(), z.size(0), z.size(1), weight.size(1), eps, act, alpha, beta,
+                                        current_stream());
+  TORCH_CHECK(err == nullptr, "hzo_ext::probe_linear: CUDA launch failed: ", err);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(hzo_ext, CUDA, m) {
+  m.impl("probe_elementwise", &probe_elementwise_cuda);
+  m.impl("probe_linear", &probe_linear_cuda);
   m.impl("contract_spp", &contract_spp_cuda);
   m.impl("perturb", &perturb_cuda);
   m.impl("contract", &contract_cuda);

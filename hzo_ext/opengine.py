@@ -1,0 +1,380 @@
+"""The op-level engine (``HZO(split="auto")``, the default): every op of the traced graph is a stage.
+
+The model is traced (``hzo_ext.graph.trace``; an ``nn.Sequential`` too) and cut between every
+two ops, so a cut's state is every tensor live across it: inside a residual block, the
+block's input and the branch's activation both. The estimate is HZO's chain over these cuts
+(each split's right piece is one op; a tensor that the op does not read keeps its target,
+copied, never probed), top down from the loss head, each op probed as its registry entry
+says (``hzo_ext.registry``):
+
+- elementwise: one colored probe of every coordinate at once, fused with the contraction
+  (``ops.probe_elementwise``: no perturbed copy in memory);
+- affine: the +-eps perturbation folds exactly, so the probe is ``A^T target``, computed by
+  the op's own VJP; the same call gives the op's weight gradient (its leaf);
+- probed (anything else, opaque nodes always): +-eps copies of each tensor input through the
+  op (``probe_targets``: SPP-colored where the footprint is known, else dense).
+Leaves of probed ops with parameters: the local VJP through that op (the paper's leaf), or
+finite differences on a ``BlackBox``'s own parameters.
+
+``fd_layer_evals`` counts what a dense probe of each op would query (2 per input coordinate;
+1 probe of an elementwise op: 2), so counts compare with the stage-wise engines and the
+baselines; the plan says how each op was probed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from . import graph, ops
+from .registry import OpEntry, entry_for
+from .stages import BlackBox
+
+__all__ = ["OpProgram", "Unsupported"]
+
+# Ops whose output shares its input's storage (no memory of their own in the plan's prediction).
+_VIEWS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "expand_as",
+          operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+          torch.unsqueeze}
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+def default_memory_budget(device) -> int:
+    """Half of the device's memory (the host's RAM for CPU tensors)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+class Unsupported(Exception):
+    """The model has something the op-level engine does not run; the stage-wise engine does."""
+
+
+@dataclass
+class OpStep:
+    """One op of the graph as the engine runs it; its output is a_index."""
+    node: fx.Node
+    index: int
+    entry: OpEntry
+    module: nn.Module | None
+    inputs: tuple  # the x-dependent tensor (or tuple) nodes among its arguments
+    params: tuple  # trainable parameters it reads (its own, or through constants)
+    label: str
+    inplace: bool
+
+
+def _is_inplace(n: fx.Node, module) -> bool:
+    if n.kwargs.get("inplace") is True or getattr(module, "inplace", False) is True:
+        return True
+    t = n.target
+    return (n.op == "call_method" and str(t).endswith("_")) or t in (operator.iadd, operator.isub, operator.imul,
+                                                                    operator.itruediv)
+
+
+def _tensors(v):
+    """The tensors of a value (a tensor, or a tuple/list of them) in order."""
+    return [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
+
+
+class OpProgram:
+    """The traced graph of ``model`` with one ``OpStep`` per x-dependent op."""
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, nn.Module) else nn.Sequential(*model)
+        hooked = [name for name, m in self.model.named_modules()
+                  if (m._forward_hooks or m._forward_pre_hooks) and next(m.children(), None) is not None]
+        if hooked:  # torch.fx traces through a container's forward without its hooks
+            raise Unsupported(f"module {hooked[0]!r} has forward hooks and submodules")
+        try:
+            t = graph.trace(self.model)
+        except Exception as exc:  # noqa: BLE001 (whatever the user's forward raises on proxies)
+            raise Unsupported(f"torch.fx: {exc}") from None
+        self.traced = t
+        self.state = set(t.order)
+        params = {name: p for name, p in self.model.named_parameters()}
+        self.steps: list[OpStep] = []
+        for n in t.order[1:]:
+            if n in t.meta:
+                continue
+            module = self.model.get_submodule(n.target) if n.op == "call_module" else None
+            entry = entry_for(n.op, n.target, module)
+            if entry.affine_args is not None and any(isinstance(a, fx.Node) and a in self.state
+                                                     for k, a in enumerate(n.args) if k not in entry.affine_args):
+                entry = OpEntry("probed")  # e.g. a / b with b depending on x
+            inputs = tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state and a not in t.meta))
+            own = list(module.parameters()) if module is not None else []
+            own += [params[c.target] for c in self._constants_of(n) if c.target in params]
+            self.steps.append(OpStep(n, len(self.steps) + 1, entry, module,
+                                     inputs, tuple(p for p in dict.fromkeys(own) if p.requires_grad),
+                                     f"{n.target}: {type(module).__name__}" if module is not None else n.name,
+                                     _is_inplace(n, module)))
+        if not self.steps:
+            raise Unsupported("the model returns its input unchanged")
+        self._step_of = {s.node: s for s in self.steps}
+        # An in-place op whose input another op reads afterwards: that op would see the written
+        # value in the model, the clean one here (the engine copies inputs of in-place ops).
+        pos = {n: i for i, n in enumerate(t.order)}
+        for s in self.steps:
+            if s.inplace and s.inputs:
+                first = s.node.args[0] if s.node.args else None
+                later = [u for u in getattr(first, "users", ()) if u is not s.node and pos.get(u, -1) > pos[s.node]]
+                if later:
+                    raise Unsupported(f"{s.label} writes {first.name} in place and {later[0].name} reads it after")
+
+    def _constants_of(self, n: fx.Node):
+        """get_attr nodes among n's constant (x-independent) ancestors."""
+        seen, todo = set(), [a for a in n.all_input_nodes if a not in self.state]
+        while todo:
+            c = todo.pop()
+            if c in seen:
+                continue
+            seen.add(c)
+            if c.op == "get_attr":
+                yield c
+            todo += [a for a in c.all_input_nodes if a not in self.state]
+
+    # ---- running ops
+
+    def _call(self, n: fx.Node, args, kwargs, module=None):
+        try:
+            if n.op == "call_module":
+                return (module or self.model.get_submodule(n.target))(*args, **kwargs)
+            if n.op == "call_function":
+                return n.target(*args, **kwargs)
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if n not in self._step_of:
+                raise
+            s = self._step_of[n]
+            tensors = [v for v in _flat(args) if isinstance(v, torch.Tensor)]
+            shapes = " and ".join(str(tuple(v.shape)) for v in tensors) or "none"
+            dtype = tensors[0].dtype if tensors else None
+            raise ValueError(f"op {s.index} ({s.label}) failed on an input of shape {shapes} and dtype {dtype}: "
+                             f"{exc}") from exc
+
+    def _args(self, n: fx.Node, env, swap=None):
+        swap = swap or {}
+        get = lambda a: swap[a] if a in swap else env[a]  # noqa: E731
+        return fx.node.map_arg(n.args, get), fx.node.map_arg(n.kwargs, get)
+
+    def forward(self, x: torch.Tensor, keep_vjp: bool = True):
+        """The clean forward: every node's value (``env``) and, per affine op or op with trainable
+        parameters, its output with a local autograd graph and the leaves standing for its
+        x-dependent inputs (``local``)."""
+        env, local = {}, {}
+        steps = self._step_of
+        for n in self.traced.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = x
+            elif n.op == "get_attr":
+                env[n] = _fetch(self.model, n.target)
+            elif n.op == "output":
+                continue
+            elif n not in steps:  # a constant (parameters only) or a size: no target, no probe
+                with torch.set_grad_enabled(keep_vjp and n not in self.state):
+                    args, kwargs = self._args(n, env)
+                    env[n] = self._call(n, args, kwargs)
+            else:
+                s = steps[n]
+                if s.entry.kind != "affine" and any(isinstance(env[a], (tuple, list)) for a in s.inputs):
+                    raise Unsupported(f"{s.label} takes a tuple of tensors")
+                vjp = keep_vjp and (s.entry.kind == "affine" or (bool(s.params) and not isinstance(s.module, BlackBox)))
+                leaves = {}
+                if vjp and s.entry.kind == "affine":
+                    leaves = {a: _leaf(env[a]) for a in s.inputs if a is not self.traced.x}
+                swap = {a: _copy(v) for a, v in leaves.items()} if s.inplace else dict(leaves)
+                if s.inplace:
+                    swap.update({a: _copy(env[a]) for a in s.inputs if a not in swap})
+                args, kwargs = self._args(n, env, swap)
+                with torch.set_grad_enabled(vjp):
+                    out = self._call(n, args, kwargs)
+                if not isinstance(out, (torch.Tensor, tuple, list)) or not _tensors(out):
+                    env[n] = out  # a bool or size from an assert or a shape check: no target
+                    continue
+                if vjp:
+                    local[n] = (out, leaves)
+                env[n] = out.detach() if isinstance(out, torch.Tensor) else type(out)(t.detach() for t in out)
+        return env, local
+
+    def shapes(self, env) -> list:
+        """Per-sample shapes of a_0 (x) and every op's output (tuples: the first tensor's; a bool
+        or size: None)."""
+        def shape(v):
+            t = _tensors(v) if isinstance(v, (torch.Tensor, tuple, list)) else []
+            return tuple(t[0].shape[1:]) if t else None
+        return [shape(env[self.traced.x])] + [shape(env[s.node]) for s in self.steps]
+
+
+def _fetch(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _flat(v):
+    if isinstance(v, (tuple, list)):
+        return [t for u in v for t in _flat(u)]
+    return [v]
+
+
+def _leaf(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().requires_grad_(v.is_floating_point())
+    return type(v)(_leaf(t) for t in v) if isinstance(v, (tuple, list)) else v
+
+
+def _copy(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    return type(v)(_copy(t) for t in v) if isinstance(v, (tuple, list)) else v
+
+
+def fused_elementwise(step: OpStep, spp) -> bool:
+    """Probed by one fused colored probe: an elementwise op of one tensor (spp=False: dense)."""
+    return step.entry.kind == "elementwise" and len(step.inputs) == 1 and spp is not False
+
+
+def view_like(step: OpStep) -> bool:
+    if step.module is not None:
+        return isinstance(step.module, _VIEW_MODULES)
+    try:
+        return step.node.target in _VIEWS
+    except TypeError:
+        return False
+
+
+class OpRun:
+    """One estimate of the op-level engine for the estimator ``est`` (an HZO)."""
+
+    def __init__(self, est, program: OpProgram):
+        self.est, self.p = est, program
+        self.stats = est.last_stats
+        self._qmodules: dict = {}
+
+    def targets(self, env, local, delta_out: torch.Tensor) -> None:
+        """Walk the ops from the output back, probing each and accumulating p.grad."""
+        p, est = self.p, self.est
+        targets = {p.traced.out: delta_out}
+        for s in reversed(p.steps):
+            t = targets.pop(s.node, None)
+            if t is None:
+                local.pop(s.node, None)
+                continue  # its output does not reach the loss
+            if isinstance(env[s.node], (tuple, list)):
+                t = [torch.zeros_like(o) if ti is None else ti for o, ti in zip(env[s.node], t)]
+            wanted = [a for a in s.inputs if a is not p.traced.x and isinstance(env[a], (torch.Tensor, tuple, list))]
+            if s.entry.kind == "affine":
+                got = self._fold(s, local.pop(s.node), t, wanted)
+            elif fused_elementwise(s, est.spp) and wanted:
+                got = [(wanted[0], None, self._probe_elementwise(s, env, t))]
+            else:
+                got = [(a, None, self._probe(s, env, a, t)) for a in wanted]
+                self._probed_leaf(s, env, local.pop(s.node, None), t)
+            for a, i, g in got:  # a's target gains g (element i of a tuple-valued a)
+                if not torch.isfinite(g).all():
+                    raise ValueError(f"non-finite value (inf/nan) in a query: op {s.index} ({s.label}) probed with "
+                                     f"+-eps on its input {a.name}; lower eps or check the model (overflow)")
+                if i is None:
+                    targets[a] = g if a not in targets else targets[a] + g
+                else:
+                    cur = targets.setdefault(a, [None] * len(env[a]))
+                    cur[i] = g if cur[i] is None else cur[i] + g
+            self.stats.splits += 1
+
+    def _count(self, probes: int, queries: int) -> None:
+        self.stats.probes += probes
+        self.stats.fd_layer_evals += queries
+
+    def _fold(self, s: OpStep, saved, t, wanted) -> list:
+        """Affine op: input targets A^T t and the op's weight gradient, by its VJP."""
+        out, leaves = saved
+        outs = _tensors(out)
+        ts = [t] if isinstance(t, torch.Tensor) else list(t)
+        flat = [(a, i, leaf) for a in wanted if a in leaves
+                for i, leaf in (((None, leaves[a]),) if isinstance(leaves[a], torch.Tensor) else enumerate(leaves[a]))]
+        inputs = [leaf for _, _, leaf in flat] + list(s.params)
+        pairs = [(o, ti) for o, ti in zip(outs, ts) if o.requires_grad]
+        if not pairs or not inputs:
+            return {}
+        grads = torch.autograd.grad([o for o, _ in pairs], inputs, [ti.to(o.dtype) for o, ti in pairs],
+                                    allow_unused=True)
+        self.est._accumulate(s.params, grads[len(flat):])
+        n_in = sum(math.prod(leaf.shape[1:]) for _, _, leaf in flat)
+        self._count(n_in, 2 * n_in)  # what a dense probe would query; the fold needs none
+        return [(a, i, g) for (a, i, _), g in zip(flat, grads[:len(flat)]) if g is not None]
+
+    def _probe_elementwise(self, s: OpStep, env, t) -> torch.Tensor:
+        a = env[s.inputs[0]]
+        q = self.est._qcast
+        a_q, t_q, eps = q(a), q(t), self.est._step(a)
+        kernel = s.entry.kernel
+        if kernel is not None:
+            code, alpha, beta = kernel(s.module)
+            delta = ops.probe_elementwise(a_q, t_q, eps, code, alpha, beta)
+        else:  # no kernel: the op itself on the stacked +-eps copies
+            z = torch.cat([a_q + eps, a_q - eps])
+            args, kwargs = self.p._args(s.node, env, {s.inputs[0]: z})
+            y = self.p._call(s.node, args, kwargs, self._qmodule(s))
+            yp, ym = y.chunk(2)
+            delta = t_q * (yp - ym) / (2 * eps)
+        self._count(1, 2)
+        return delta
+
+    def _qmodule(self, s: OpStep):
+        """The op's module in the probe dtype (a float32 copy for low-precision models)."""
+        if s.module is None or self.est._probe_dtype is None:
+            return s.module
+        if s.node not in self._qmodules:
+            self._qmodules[s.node] = copy.deepcopy(s.module).to(self.est._probe_dtype)
+        return self._qmodules[s.node]
+
+    def _probe(self, s: OpStep, env, a_node, t):
+        """Target of input a_node of a probed op: +-eps copies of it through the op, the other
+        inputs clean (repeated per copy)."""
+        from .estimator import probe_targets  # the one probe loop (perturb, query, contract)
+        est, q = self.est, self.est._qcast
+        a = env[a_node]
+        a_q, eps = q(a), est._step(a)
+        others = [b for b in s.inputs if b is not a_node]
+        tq = q(torch.cat([ti.reshape(ti.shape[0], -1) for ti in _tensors(t)], 1)) if not isinstance(t, torch.Tensor) \
+            else q(t)
+
+        def run_right(z: torch.Tensor, copies: int) -> torch.Tensor:
+            swap = {a_node: z}
+            for b in others:
+                v = env[b]
+                swap[b] = q(v).repeat(copies, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
+            args, kwargs = self.p._args(s.node, env, swap)
+            y = self.p._call(s.node, args, kwargs, self._qmodule(s))
+            self.stats.forward_calls += 1
+            if isinstance(y, torch.Tensor):
+                return y
+            return torch.cat([o.reshape(o.shape[0], -1) for o in _tensors(y)], 1)
+
+        coloring = est._op_coloring(s, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
+        delta = probe_targets(run_right, a_q, tq, eps, est.chunk_size, coloring, what=s.label,
+                              nvtx=f"hzo/op{s.index}")
+        self._count(coloring.num_colors, 2 * coloring.num_colors)
+        return delta
+
+    def _probed_leaf(self, s: OpStep, env, saved, t) -> None:
+        if not s.params:
+            return
+        if isinstance(s.module, BlackBox):
+            grads = self.est._blackbox_grads(s.module, f"op {s.index} ({s.label})", env[s.inputs[0]], t)
+        elif saved is None:
+            return
+        else:
+            out = _tensors(saved[0])
+            ts = [t] if isinstance(t, torch.Tensor) else list(t)
+            pairs = [(o, ti) for o, ti in zip(out, ts) if o.requires_grad]
+            grads = torch.autograd.grad([o for o, _ in pairs], list(s.params), [ti.to(o.dtype) for o, ti in pairs],
+                                        allow_unused=True) if pairs else [None] * len(s.params)
+        self.est._accumulate(s.params, grads)

@@ -1,0 +1,153 @@
+"""What hzo_ext knows about each op of a traced graph, in one place.
+
+For every op (a module type, a function, a tensor method name) one entry says how a piece
+made of it is probed:
+
+- ``elementwise``: acts on each coordinate of its one tensor input alone. Probed by one
+  colored probe (every coordinate at once): ``hzo_ext.ops.probe_elementwise`` when the entry
+  has a kernel code (csrc/core/elementwise.h), else by calling the op on the stacked +-eps
+  copies. Its settings (negative_slope, ...) are read from the module on every call.
+- ``affine``: affine in each tensor input with the others fixed (Linear, Conv, eval
+  BatchNorm, pooling by averaging, sums, products, views, slicing, padding, cat). The +-eps
+  perturbation folds exactly (``A(a + eps e_k) - A(a - eps e_k) = 2 eps A e_k``), so its
+  probe is the transpose ``A^T target``, computed by the op's own VJP (no query).
+- everything else is ``probed``: the op is run on perturbed copies of each tensor input
+  (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense). Opaque nodes
+  (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always probed.
+
+``register_elementwise(op, code=None)`` adds an elementwise op: the engine then probes it
+with one colored probe and the SPP footprints treat it as elementwise.
+The tables of calls (``ELEMENTWISE_CALLS``, ``SUMS``, ``ARITHMETIC``) are also what the SPP
+footprints (``hzo_ext.spp``) and the C++ lowering (``hzo_ext.executor``) read.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "ACT_CODES", "entry_for", "register_elementwise"]
+
+# Kernel codes of csrc/core/elementwise.h (enum Act).
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6,
+             "silu": 7, "hardtanh": 8, "elu": 9, "hardswish": 10, "hardsigmoid": 11, "softplus": 12}
+
+# Calls acting elementwise on their one tensor argument (footprint: identity), each with the
+# module whose forward it is where there is one (the C++ executor runs it as that module; None:
+# it runs in Python). Strings are tensor methods.
+ELEMENTWISE_CALLS = {
+    F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, F.tanh: nn.Tanh, torch.tanh: nn.Tanh,
+    "tanh": nn.Tanh, "tanh_": nn.Tanh, F.sigmoid: nn.Sigmoid, torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid,
+    "sigmoid_": nn.Sigmoid, F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish, F.mish: nn.Mish,
+    F.relu6: None, F.hardsigmoid: None, F.hardtanh: None, F.leaky_relu: None, F.elu: None, F.softplus: None,
+    F.dropout: None, operator.neg: None, torch.neg: None, "neg": None, torch.abs: None, "abs": None, torch.exp: None,
+    "exp": None, "contiguous": None, "clone": None, "clamp": None, "clamp_min": None}
+# Sums of two tensors (residual adds), and all elementwise arithmetic between tensors.
+SUMS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+ARITHMETIC = SUMS | {operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv, torch.sub, torch.mul,
+                     "sub", "sub_", "mul", "mul_", "div", "div_"}
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    """How a piece made of one op is probed (see the module docstring). ``kernel(module)`` gives
+    (code, alpha, beta) for ``ops.probe_elementwise`` from a module's settings, or None."""
+    kind: str  # "elementwise", "affine" or "probed"
+    kernel: object = None
+    affine_args: tuple | None = None  # affine only in these positional args (None: in all)
+
+
+def _fixed(name):
+    return lambda m=None: (ACT_CODES[name], 0.0, 0.0)
+
+
+def _elementwise(kernel=None):
+    return OpEntry("elementwise", kernel)
+
+
+_AFFINE = OpEntry("affine")
+_MODULES: dict = {
+    nn.ReLU: _elementwise(_fixed("relu")),
+    nn.LeakyReLU: _elementwise(lambda m: (ACT_CODES["leaky_relu"], float(m.negative_slope), 0.0)),
+    nn.GELU: _elementwise(lambda m: (ACT_CODES["gelu_tanh" if m.approximate == "tanh" else "gelu"], 0.0, 0.0)),
+    nn.Tanh: _elementwise(_fixed("tanh")), nn.Sigmoid: _elementwise(_fixed("sigmoid")),
+    nn.SiLU: _elementwise(_fixed("silu")),
+    nn.Hardtanh: _elementwise(lambda m: (ACT_CODES["hardtanh"], float(m.min_val), float(m.max_val))),  # ReLU6 too
+    nn.ELU: _elementwise(lambda m: (ACT_CODES["elu"], float(m.alpha), 0.0)),
+    nn.Hardswish: _elementwise(_fixed("hardswish")), nn.Hardsigmoid: _elementwise(_fixed("hardsigmoid")),
+    nn.Softplus: _elementwise(lambda m: (ACT_CODES["softplus"], float(m.beta), float(m.threshold))),
+    nn.Mish: _elementwise(),
+}
+for _t in (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+           nn.ConvTranspose3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+           nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.ZeroPad2d, nn.ConstantPad1d,
+           nn.ConstantPad2d, nn.ConstantPad3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout,
+           nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
+    _MODULES[_t] = _AFFINE  # BatchNorm/Dropout: in eval mode (training mode is refused by the stage checks)
+
+_CALLS: dict = {
+    F.relu: _elementwise(_fixed("relu")), torch.relu: _elementwise(_fixed("relu")),
+    "relu": _elementwise(_fixed("relu")), "relu_": _elementwise(_fixed("relu")),
+    torch.tanh: _elementwise(_fixed("tanh")), F.tanh: _elementwise(_fixed("tanh")), "tanh": _elementwise(_fixed("tanh")),
+    torch.sigmoid: _elementwise(_fixed("sigmoid")), F.sigmoid: _elementwise(_fixed("sigmoid")),
+    "sigmoid": _elementwise(_fixed("sigmoid")), F.silu: _elementwise(), F.gelu: _elementwise(),
+}
+for _c in ELEMENTWISE_CALLS:
+    _CALLS.setdefault(_c, _elementwise())
+for _c in (operator.add, operator.iadd, operator.sub, operator.isub, operator.neg, operator.mul, operator.imul,
+           operator.matmul, operator.getitem, torch.add, torch.sub, torch.mul, torch.neg, torch.matmul, torch.bmm,
+           torch.flatten, torch.cat, torch.mean, torch.sum, torch.transpose, torch.permute, torch.reshape,
+           torch.squeeze, torch.unsqueeze, F.linear, F.conv1d, F.conv2d, F.conv3d, F.avg_pool1d, F.avg_pool2d,
+           F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout, F.pad,
+           torch.unbind, torch.chunk, torch.split, "unbind", "chunk", "split",
+           "add", "add_", "sub", "sub_", "mul", "mul_", "neg", "matmul", "flatten", "view", "reshape", "permute",
+           "transpose", "contiguous", "clone", "unsqueeze", "squeeze", "mean", "sum", "expand", "expand_as"):
+    _CALLS[_c] = _AFFINE
+for _c in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
+    _CALLS[_c] = OpEntry("affine", affine_args=(0,))  # a / b is affine in a only
+_PROBED = OpEntry("probed")
+
+
+def register_elementwise(op, code: int | str | None = None) -> None:
+    """Register ``op`` (a module type, a function or a tensor method name) as elementwise: one
+    colored probe per piece it forms, elementwise SPP footprint. ``code``: a kernel of
+    csrc/core/elementwise.h (a name of ``ACT_CODES`` or its number), else the op is called on
+    the stacked +-eps copies."""
+    if isinstance(code, str):
+        code = ACT_CODES[code]
+    kernel = None if code is None else (lambda m=None, c=code: (c, 0.0, 0.0))
+    if isinstance(op, type) and issubclass(op, nn.Module):
+        _MODULES[op] = _elementwise(kernel)
+    else:
+        _CALLS[op] = _elementwise(kernel)
+        ELEMENTWISE_CALLS.setdefault(op, None)
+
+
+def entry_for(op: str, target, module: nn.Module | None, inplace_kw: bool = False) -> OpEntry:
+    """The entry of an fx node (op, target), ``module`` the called submodule for call_module.
+    Opaque modules and modules that override their class's forward are probed. A module whose
+    class is registered only through a parent class counts only when it keeps the parent's
+    forward (a subclass with its own forward is probed)."""
+    from .graph import is_opaque  # graph imports this module
+    if op == "call_module":
+        if module is None or is_opaque(module):
+            return _PROBED
+        for cls in type(module).__mro__:
+            if cls in _MODULES:
+                if type(module).forward is not cls.forward or "forward" in module.__dict__ \
+                        or getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None):
+                    return _PROBED
+                if isinstance(module, nn.modules.conv._ConvNd) and \
+                        type(module)._conv_forward is not getattr(cls, "_conv_forward", None):
+                    return _PROBED
+                return _MODULES[cls]
+        return _PROBED
+    if op in ("call_function", "call_method"):
+        try:
+            return _CALLS.get(target, _PROBED)
+        except TypeError:  # unhashable target
+            return _PROBED
+    return _PROBED

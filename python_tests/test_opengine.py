@@ -1,0 +1,262 @@
+"""The default engine (split='auto', hzo_ext.opengine): op-level cuts, affine ops folded,
+elementwise ops probed by the fused kernels; the fused-probe ops against the unfused probe."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hzo_ext
+from hzo_ext import _torch_impl, ops, registry
+from hzo_ext.models import DeepZeroResNet, residual_mlp
+
+from test_graph import FunctionalMLP, HandResNet, _randomise_bn
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def _min_cos(model, x, y, est=None, loss=LOSS):
+    ref = hzo_ext.reference_named_grads(model, loss, x, y)
+    model.zero_grad(set_to_none=True)
+    (est or hzo_ext.HZO(model, loss, eps=1e-6)).backward(x, y)
+    return min(hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref).values())
+
+
+# ---- the fused-probe ops: every kernel code against the unfused probe, float64 ----------------
+
+ACTS = [(name, code, a, b) for name, code in registry.ACT_CODES.items()
+        for a, b in ([(0.1, 0.0)] if name in ("leaky_relu", "elu") else [(-0.5, 0.7)] if name == "hardtanh"
+                     else [(2.0, 5.0)] if name == "softplus" else [(0.0, 0.0)])]
+
+
+def _unfused(fn, a, target, eps):
+    """The dense probe of piece fn: one +-eps pair per coordinate of a, perturb + query + contract."""
+    B, n = a.shape[0], a[0].numel()
+    ids = torch.arange(n)
+    copies = ops.perturb(a, ops.dense_colors(n), ids, eps).reshape(2 * n * B, *a.shape[1:])
+    y = fn(copies).reshape(2, n, B, -1)
+    return ops.contract(y, target.reshape(B, -1), ops.dense_owner(ids, y.shape[-1]), eps, num_inputs=n)
+
+
+@pytest.mark.parametrize("name,code,alpha,beta", ACTS, ids=[a[0] for a in ACTS])
+def test_probe_elementwise_equals_the_unfused_probe(name, code, alpha, beta):
+    torch.manual_seed(code)
+    z = torch.randn(3, 7, dtype=torch.float64) * 2
+    t = torch.randn(3, 7, dtype=torch.float64)
+    s = lambda v: _torch_impl.ACT_FUNCTIONS[code](v, alpha, beta)  # noqa: E731
+    fused = ops.probe_elementwise(z, t, 1e-3, code, alpha, beta)
+    torch.testing.assert_close(fused.reshape(3, -1), _unfused(s, z, t, 1e-3), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,code,alpha,beta", ACTS, ids=[a[0] for a in ACTS])
+def test_probe_linear_equals_the_unfused_probe(name, code, alpha, beta):
+    torch.manual_seed(code)
+    lin = nn.Linear(6, 5).double()
+    a = torch.randn(4, 6, dtype=torch.float64)
+    t = torch.randn(4, 5, dtype=torch.float64)
+    s = lambda v: _torch_impl.ACT_FUNCTIONS[code](v, alpha, beta)  # noqa: E731
+    with torch.no_grad():
+        fused = ops.probe_linear(lin(a), lin.weight, t, 1e-3, code, alpha, beta)
+        unfused = _unfused(lambda v: s(lin(v)), a, t, 1e-3)
+    torch.testing.assert_close(fused, unfused, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not hzo_ext.has_extension(), reason="compiled ops not loaded")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_compiled_fused_probes_match_the_reference(dtype):
+    torch.manual_seed(0)
+    z, t, w = torch.randn(5, 9).to(dtype), torch.randn(5, 9).to(dtype), torch.randn(9, 4).to(dtype)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)
+    for _, code, alpha, beta in ACTS:
+        for compiled, ref in ((torch.ops.hzo_ext.probe_elementwise(z, t, 0.05, code, alpha, beta),
+                               _torch_impl.probe_elementwise(z, t, 0.05, code, alpha, beta)),
+                              (torch.ops.hzo_ext.probe_linear(z, w, t, 0.05, code, alpha, beta),
+                               _torch_impl.probe_linear(z, w, t, 0.05, code, alpha, beta))):
+            torch.testing.assert_close(compiled.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not hzo_ext.has_extension(), reason="compiled ops not loaded")
+def test_fused_probes_opcheck():
+    z, t, w = torch.randn(3, 4), torch.randn(3, 4), torch.randn(4, 2)
+    torch.library.opcheck(torch.ops.hzo_ext.probe_elementwise.default, (z, t, 1e-2, 3, 0.0, 0.0))
+    torch.library.opcheck(torch.ops.hzo_ext.probe_linear.default, (z, w, t, 1e-2, 1, 0.0, 0.0))
+
+
+BAD = [
+    (lambda: (torch.randn(2, 3), torch.randn(2, 4), 1e-3, 1), ValueError, "target must have the shape of z"),
+    (lambda: (torch.randn(2, 3), torch.randn(2, 3).double(), 1e-3, 1), TypeError, "target dtype torch.float64"),
+    (lambda: (torch.randn(2, 3), torch.randn(2, 3), -1e-3, 1), ValueError, "eps must be positive and finite, got -0.001"),
+    (lambda: (torch.randn(2, 3), torch.randn(2, 3), 1e-3, 99), ValueError, "act must be a code in [0, 13), got 99"),
+    (lambda: (torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64), 1e-3, 1), TypeError,
+     "z must be a floating tensor"),
+]
+
+
+@pytest.mark.parametrize("make,exc,msg", BAD)
+def test_probe_elementwise_errors_name_the_problem(make, exc, msg):
+    args = make()
+    impls = [lambda *a: _torch_impl.probe_elementwise(*a, 0.0, 0.0)]
+    if hzo_ext.has_extension():
+        impls.append(lambda *a: torch.ops.hzo_ext.probe_elementwise(*a, 0.0, 0.0))
+    texts = set()
+    for impl in impls:
+        with pytest.raises(exc, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as info:
+            impl(*args)
+        texts.add(str(info.value).splitlines()[0])
+    assert len(texts) == 1  # compiled and fallback: the same message
+
+
+def test_probe_linear_shape_errors():
+    z, t = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"weight must be \[Q, K\] with Q = 4, got shape \[5, 2\]"):
+        ops.probe_linear(z, torch.randn(5, 2), t, 1e-3, 1)
+    with pytest.raises(ValueError, match=r"z must be \[B, Q\]"):
+        ops.probe_linear(z.reshape(3, 2, 2), torch.randn(4, 2), t, 1e-3, 1)
+
+
+# ---- the engine ---------------------------------------------------------------------------
+
+def test_default_is_the_op_level_engine_and_the_plan_says_how_each_op_is_probed():
+    torch.manual_seed(0)
+    model = residual_mlp(6, 8, 3, 4).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    est = hzo_ext.HZO(model, LOSS, eps=1e-6)
+    assert est.engine == "ops" and est.engine_reason is None
+    assert _min_cos(model, x, y, est) > 0.9999
+    plan = est.plan(x)
+    text = str(plan)
+    assert "split=auto (op-level chain)" in text and "folded" in text and "elementwise" in text
+    hows = [s.how for s in plan.splits]
+    assert hows.count("elementwise") == 4  # the stem's GELU and one per block
+    # the residual add is one op with two state inputs: the block input and the branch
+    assert any("affine) of a_" in n and ", a_" in n for n in plan.stage_names)
+    assert est.last_stats.fd_layer_evals == plan.fd_layer_evals
+    assert plan.predicted_peak_bytes > plan.stored_bytes > 0
+
+
+@pytest.mark.parametrize("make", ["deepzero", "hand_resnet", "functional_mlp", "reused"])
+def test_models_unmodified_float64(make):
+    torch.manual_seed(0)
+    if make == "deepzero":
+        model, x = DeepZeroResNet(blocks=(1, 1, 1), width=4, num_classes=5).eval(), torch.randn(3, 3, 8, 8)
+        _randomise_bn(model)
+    elif make == "hand_resnet":
+        model, x = HandResNet().eval(), torch.randn(3, 3, 8, 8)
+        _randomise_bn(model)
+    elif make == "functional_mlp":
+        model, x = FunctionalMLP(), torch.randn(3, 6)
+    else:  # one module at two positions, in-place ReLU
+        lin, act = nn.Linear(6, 6), nn.ReLU(inplace=True)
+        model, x = nn.Sequential(nn.Linear(6, 6), act, lin, act, lin, nn.Linear(6, 5)), torch.randn(3, 6)
+    model, x = model.double(), x.double()
+    with torch.no_grad():
+        classes = model(x).shape[1]
+    y = torch.randint(0, classes, (3,))
+    est = hzo_ext.HZO(model, LOSS, eps=1e-6)
+    assert est.engine == "ops", est.engine_reason
+    assert _min_cos(model, x, y, est) > 0.9999
+
+
+def test_elementwise_probe_matches_the_stage_engines_float64():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 7), nn.LeakyReLU(0.2), nn.Linear(7, 7),
+                          nn.Softplus(2.0), nn.Linear(7, 3)).double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    grads = []
+    for split in ("auto", "chain"):
+        model.zero_grad(set_to_none=True)
+        hzo_ext.HZO(model, LOSS, split=split, executor="python").backward(x, y)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+
+
+def quantise(x):
+    return torch.round(x * 8) / 8
+
+
+torch.fx.wrap("quantise")  # one call node in traced graphs (a quantiser given as a function)
+
+
+class Quantised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(quantise(self.a(x)))
+
+
+def test_a_registered_elementwise_op_is_probed_colored_and_checked():
+    model = Quantised().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    before = hzo_ext.HZO(model, LOSS, eps=0.05).plan(x)
+    assert [s.how for s in before.splits].count("dense") == 1  # unknown: 6 dense probes
+    registry.register_elementwise(quantise)
+    try:
+        est = hzo_ext.HZO(model, LOSS, eps=0.05)
+        plan = est.plan(x)
+        assert "elementwise" in [s.how for s in plan.splits] and "dense" not in [s.how for s in plan.splits]
+        est.backward(x, y)
+        g_fused = model.a.weight.grad.clone()
+        # the same finite differences, dense: zeroth order through the step function
+        model.zero_grad(set_to_none=True)
+        hzo_ext.HZO(model, LOSS, eps=0.05, split="chain", spp=False, executor="python").backward(x, y)
+        torch.testing.assert_close(g_fused, model.a.weight.grad, rtol=1e-10, atol=1e-12)
+        assert g_fused.abs().sum() > 0  # backprop through round() would give zeros
+        # the SPP footprint knows it too: an elementwise call keeps a conv piece colored
+        assert quantise in registry.ELEMENTWISE_CALLS
+    finally:
+        registry._CALLS.pop(quantise, None)
+        registry.ELEMENTWISE_CALLS.pop(quantise, None)
+
+
+def test_memory_budget_refuses_before_running():
+    model = residual_mlp(6, 8, 2, 4)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    est = hzo_ext.HZO(model, LOSS, memory_budget=1000)
+    with pytest.raises(MemoryError, match=r"over the memory budget of .* GiB; lower the batch size"):
+        est.backward(x, y)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        hzo_ext.HZO(model, LOSS, memory_budget=-1)
+
+
+def test_in_place_write_read_later_falls_back_to_the_stage_engine():
+    class WritesThenReads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            r = h.relu_()
+            return self.b(h) + 0 * r
+
+    est = hzo_ext.HZO(WritesThenReads(), LOSS)
+    assert est.engine == "stages" and "writes" in est.engine_reason
+
+
+def test_stage_appended_after_construction_is_used_by_the_op_engine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6)).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    est = hzo_ext.HZO(model, LOSS, eps=1e-6)
+    model.append(nn.Linear(6, 3).double())
+    assert _min_cos(model, x, y, est) > 0.9999
+
+
+def test_float16_model_is_probed_in_float32():
+    torch.manual_seed(0)
+    model = residual_mlp(6, 16, 3, 4)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    ref = hzo_ext.reference_named_grads(model, LOSS, x, y)
+    half = copy.deepcopy(model).half()
+    hzo_ext.HZO(half, LOSS).backward(x.half(), y)
+    cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(half), ref)
+    assert min(cos.values()) > 0.99
+
+
+def test_eps_below_resolution_refused_naming_the_op():
+    model = residual_mlp(6, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"the input of op \d+ \(.*: GELU\)"):
+        hzo_ext.HZO(model, LOSS, eps=1e-9).backward(torch.randn(3, 6), torch.randint(0, 4, (3,)))
