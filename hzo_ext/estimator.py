@@ -732,24 +732,33 @@ class HZO(StageEstimator):
         pos = {prog.traced.x: 0, **{s.node: s.index for s in prog.steps}}
         size = lambda n: math.prod(shapes[pos[n]] or ())  # noqa: E731 (a bool or size: 1)
         stored = B * item * (size(prog.traced.x) + sum(size(s.node) for s in prog.steps if not opengine.view_like(s)))
+        # Targets alive while op s is probed: its own, and those of earlier values an op at or
+        # after s reads (a skip connection's target waits for the block's input).
+        steps = [s for s in prog.steps if shapes[s.index] is not None]
+        last_read = {}
+        for s in steps:
+            for a in s.inputs:
+                if a is not prog.traced.x and shapes[pos[a]] is not None:
+                    last_read[a] = max(last_read.get(a, 0), s.index)
         splits, names = [], []
-        for k, s in enumerate(reversed([s for s in prog.steps if shapes[s.index] is not None])):
+        for k, s in enumerate(reversed(steps)):
             n_out = size(s.node)
             ins = [a for a in s.inputs if a is not prog.traced.x and shapes[pos[a]] is not None]
             n_in = sum(size(a) for a in ins)
-            targets = B * item * (n_in + n_out)
-            if s.entry.kind == "affine":
-                how, probes, peak = "folded", n_in, targets + B * item * n_in
+            pending = n_out + sum(size(a) for a, r in last_read.items() if pos[a] < s.index <= r)
+            targets = B * item * pending
+            if s.entry.kind == "affine":  # the VJP's result and its sum into the input's target
+                how, probes, peak = "folded", n_in, targets + 2 * B * item * n_in
             elif opengine.fused_elementwise(s, self.spp) and ins:
                 how, probes = "elementwise", 1
-                peak = targets + B * item * n_out * (1 if s.entry.kernel is not None else 4)
+                peak = targets + B * item * n_out * (2 if s.entry.kernel is not None else 5)
             else:
                 colorings = [self._op_coloring(s, shapes[pos[a]], shapes[s.index]) for a in ins]
                 probes = sum(c.num_colors for c in colorings)
                 how = "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
                 c = max([c.num_colors for c in colorings] + [1])
                 c = c if self.chunk_size is None else min(c, self.chunk_size)
-                peak = targets + 2 * c * B * item * (max([size(a) for a in ins] + [0]) + n_out)
+                peak = targets + B * item * (2 * c * (max([size(a) for a in ins] + [0]) + n_out) + 2 * n_in)
             queries = 2 * (n_in if how == "folded" else probes)
             splits.append(Split(s.index - 1, s.index - 1, s.index, k, probes, queries, 1, peak, how == "dense", how))
         for s in prog.steps:
