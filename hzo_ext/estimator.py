@@ -805,7 +805,7 @@ class HZO(StageEstimator):
             loss = self.loss.check_reproduces(logits, y)
             perturbed = [(f"the input of op {s.index} ({s.label})", env[a]) for s in prog.steps
                          if s.entry.kind != "affine" for a in s.inputs
-                         if a is not prog.traced.x and isinstance(env[a], torch.Tensor)]
+                         if a is not prog.traced.x and isinstance(env[a], torch.Tensor) and env[a].is_floating_point()]
             perturbed.append(("the logits (loss head)", logits))
             dtype = self._probe_dtype or x.dtype
             for (what, a), amax in zip(perturbed, numerics.max_abs([a for _, a in perturbed])):

@@ -218,6 +218,13 @@ def _fetch(root: nn.Module, target: str):
     return obj
 
 
+def _has_target(v) -> bool:
+    """A floating tensor, or a tuple of them (masks, indices, sizes and bools have no target)."""
+    if isinstance(v, torch.Tensor):
+        return v.is_floating_point()
+    return isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v)
+
+
 def _flat(v):
     if isinstance(v, (tuple, list)):
         return [t for u in v for t in _flat(u)]
@@ -269,7 +276,7 @@ class OpRun:
                 continue  # its output does not reach the loss
             if isinstance(env[s.node], (tuple, list)):
                 t = [torch.zeros_like(o) if ti is None else ti for o, ti in zip(env[s.node], t)]
-            wanted = [a for a in s.inputs if a is not p.traced.x and isinstance(env[a], (torch.Tensor, tuple, list))]
+            wanted = [a for a in s.inputs if a is not p.traced.x and _has_target(env[a])]
             if s.entry.kind == "affine":
                 got = self._fold(s, local.pop(s.node), t, wanted)
             elif fused_elementwise(s, est.spp) and wanted:
@@ -303,8 +310,10 @@ class OpRun:
         pairs = [(o, ti) for o, ti in zip(outs, ts) if o.requires_grad]
         if not pairs or not inputs:
             return {}
+        # retain_graph: a constant computed from a parameter (w.t()) may feed several ops; each
+        # op's own saved tensors go with its output, dropped after this call
         grads = torch.autograd.grad([o for o, _ in pairs], inputs, [ti.to(o.dtype) for o, ti in pairs],
-                                    allow_unused=True)
+                                    allow_unused=True, retain_graph=True)
         self.est._accumulate(s.params, grads[len(flat):])
         n_in = sum(math.prod(leaf.shape[1:]) for _, _, leaf in flat)
         self._count(n_in, 2 * n_in)  # what a dense probe would query; the fold needs none
@@ -376,5 +385,5 @@ class OpRun:
             ts = [t] if isinstance(t, torch.Tensor) else list(t)
             pairs = [(o, ti) for o, ti in zip(out, ts) if o.requires_grad]
             grads = torch.autograd.grad([o for o, _ in pairs], list(s.params), [ti.to(o.dtype) for o, ti in pairs],
-                                        allow_unused=True) if pairs else [None] * len(s.params)
+                                        allow_unused=True, retain_graph=True) if pairs else [None] * len(s.params)
         self.est._accumulate(s.params, grads)

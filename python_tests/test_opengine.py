@@ -260,3 +260,46 @@ def test_eps_below_resolution_refused_naming_the_op():
     model = residual_mlp(6, 8, 2, 4)
     with pytest.raises(ValueError, match=r"the input of op \d+ \(.*: GELU\)"):
         hzo_ext.HZO(model, LOSS, eps=1e-9).backward(torch.randn(3, 6), torch.randint(0, 4, (3,)))
+
+
+class WhereAndIndex(nn.Module):
+    """A leaky ReLU written with a mask and torch.where, and a gather by argmax: bool and
+    integer tensors in the graph get no target and are never perturbed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.where(h > 0, h, 0.1 * h)
+        top = h.argmax(dim=1, keepdim=True)
+        return self.b(h) + torch.gather(h, 1, top)
+
+
+def test_masks_and_indices_get_no_target():
+    torch.manual_seed(0)
+    model = WhereAndIndex().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    est = hzo_ext.HZO(model, LOSS, eps=1e-6)
+    assert est.engine == "ops"
+    assert _min_cos(model, x, y, est) > 0.9999
+
+
+class Tied(nn.Module):
+    """One constant computed from a parameter (w.t() * 2) feeds two ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(6, 6) * 0.3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        wt = self.w.t() * 2.0
+        return self.head(torch.tanh(torch.tanh(x @ wt) @ wt))
+
+
+def test_a_parameter_feeding_two_ops_gets_both_contributions():
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    assert _min_cos(model, x, y) > 0.9999
