@@ -554,6 +554,7 @@ class HZO(StageEstimator):
         self._barriers: dict = {}  # activation shapes -> the barrier stages (_split_policy)
         self._spp_warned: set = set()
         self._op_plans: dict = {}  # (shape, dtype, device) of x -> the op-level plan (memory checked)
+        self._op_chunks: dict = {}  # probed op's node -> probes per batched query (from the budget)
         self._executor_args = (executor, fast)
         self._select_engine()
 
@@ -740,7 +741,8 @@ class HZO(StageEstimator):
             for a in s.inputs:
                 if a is not prog.traced.x and shapes[pos[a]] is not None:
                     last_read[a] = max(last_read.get(a, 0), s.index)
-        splits, names = [], []
+        budget = self.memory_budget or opengine.default_memory_budget(x.device)
+        splits, names, self._op_chunks = [], [], {}
         for k, s in enumerate(reversed(steps)):
             n_out = size(s.node)
             ins = [a for a in s.inputs if a is not prog.traced.x and shapes[pos[a]] is not None]
@@ -756,17 +758,22 @@ class HZO(StageEstimator):
                 colorings = [self._op_coloring(s, shapes[pos[a]], shapes[s.index]) for a in ins]
                 probes = sum(c.num_colors for c in colorings)
                 how = "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
-                c = max([c.num_colors for c in colorings] + [1])
-                c = c if self.chunk_size is None else min(c, self.chunk_size)
-                peak = targets + B * item * (2 * c * (max([size(a) for a in ins] + [0]) + n_out) + 2 * n_in)
+                K = max([c.num_colors for c in colorings] + [1])
+                per_probe = 2 * B * item * (max([size(a) for a in ins] + [0]) + n_out)
+                c = K if self.chunk_size is None else min(K, self.chunk_size)
+                if self.chunk_size is None:  # the chunk follows from the memory budget
+                    c = max(1, min(K, (budget - stored - targets - 2 * B * item * n_in) // per_probe))
+                self._op_chunks[s.node] = c
+                chunks = -(-K // c)
+                peak = targets + c * per_probe + 2 * B * item * n_in
             queries = 2 * (n_in if how == "folded" else probes)
-            splits.append(Split(s.index - 1, s.index - 1, s.index, k, probes, queries, 1, peak, how == "dense", how))
+            splits.append(Split(s.index - 1, s.index - 1, s.index, k, probes, queries,
+                                chunks if how in ("dense", "SPP") else 1, peak, how == "dense", how))
         for s in prog.steps:
             src = ", ".join(f"a_{pos[a]}" for a in s.inputs) or "constants"
             names.append(f"op {s.index} ({s.label}, {s.entry.kind}) of {src}")
         plan = Plan("auto (op-level chain)", B, tuple(s or () for s in shapes), item, self.chunk_size,
                     tuple((sp,) for sp in splits), tuple(names), stored)
-        budget = self.memory_budget or opengine.default_memory_budget(x.device)
         if plan.predicted_peak_bytes > budget:
             gib = 1 / 2**30
             raise MemoryError(f"the estimate is predicted to need {plan.predicted_peak_bytes * gib:.2f} GiB "
@@ -781,7 +788,8 @@ class HZO(StageEstimator):
             self._prepare(x, y)
             key = (tuple(x.shape), x.dtype, x.device)
             if key not in self._op_plans:  # refuses a plan over the memory budget before anything runs
-                self._op_plans[key] = self._ops_plan(x)
+                self._op_plans[key] = (self._ops_plan(x), self._op_chunks)
+            self._op_chunks = self._op_plans[key][1]
             prog = self._ops
             first = self.check_samples and key not in self._dynamic_checked
             if first:  # before the clean forward, so its memory is free again when that runs

@@ -368,8 +368,8 @@ class OpRun:
             return torch.cat([o.reshape(o.shape[0], -1) for o in _tensors(y)], 1)
 
         coloring = est._op_coloring(s, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
-        delta = probe_targets(run_right, a_q, tq, eps, est.chunk_size, coloring, what=s.label,
-                              nvtx=f"hzo/op{s.index}")
+        chunk = est._op_chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)
+        delta = probe_targets(run_right, a_q, tq, eps, chunk, coloring, what=s.label, nvtx=f"hzo/op{s.index}")
         self._count(coloring.num_colors, 2 * coloring.num_colors)
         return delta
 

@@ -303,3 +303,23 @@ def test_a_parameter_feeding_two_ops_gets_both_contributions():
     model = Tied().double()
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     assert _min_cos(model, x, y) > 0.9999
+
+
+def test_the_memory_budget_sets_the_chunks_of_probed_ops():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.LayerNorm(32), nn.Linear(32, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    whole = hzo_ext.HZO(model, LOSS)
+    plan = whole.plan(x)
+    (norm,) = [s for s in plan.splits if s.how == "dense"]  # LayerNorm: 32 dense probes
+    assert norm.chunks == 1
+    whole.backward(x, y)
+    g = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    budget = plan.stored_bytes + norm.peak_bytes // 3  # about a third of the probes fit at once
+    small = hzo_ext.HZO(model, LOSS, memory_budget=budget)
+    (norm_small,) = [s for s in small.plan(x).splits if s.how == "dense"]
+    assert norm_small.chunks > 1 and small.plan(x).predicted_peak_bytes <= budget
+    small.backward(x, y)
+    for a, b in zip(g, model.parameters()):
+        torch.testing.assert_close(b.grad, a, rtol=1e-10, atol=1e-13)
