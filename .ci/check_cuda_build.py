@@ -21,7 +21,7 @@ if not tools:
     sys.exit("cuobjdump not found next to triton; cannot list the CUDA objects")
 elfs = subprocess.check_output([tools[0], "--list-elf", so], text=True)
 print(elfs)
-for kernel in ("perturb_kernel", "contract_kernel", "contract_spp_kernel"):
+for kernel in ("perturb_kernel", "contract_kernel", "contract_spp_kernel", "probe_kernel"):
     for arch in ("sm_80", "sm_90"):
         assert f"{kernel}.{arch}.cubin" in elfs, f"{kernel} has no {arch} code in {so}"
 print("CUDA build OK:", info["built_for"])

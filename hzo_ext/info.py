@@ -5,7 +5,7 @@ import torch
 
 from . import _ext
 
-OPS = ("perturb", "contract", "contract_sized", "contract_spp")
+OPS = ("perturb", "contract", "contract_sized", "contract_spp", "probe_elementwise", "probe_linear")
 
 
 def info() -> dict:
