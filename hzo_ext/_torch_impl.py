@@ -290,3 +290,53 @@ def probe_linear(z, weight, target, eps, act, alpha, beta):
     zz, h = z.to(acc).unsqueeze(2), eps * weight.to(acc).unsqueeze(0)  # [B, Q, 1], [1, Q, K]
     diff = s(zz + h, alpha, beta) - s(zz - h, alpha, beta)  # [B, Q, K]
     return ((target.to(acc).unsqueeze(2) * diff).sum(1) / (2 * eps)).to(z.dtype)
+
+
+def check_probe_conv2d(z, weight, target, in_size, stride, padding, dilation, groups, eps, act) -> None:
+    op = "hzo_ext::probe_conv2d"
+    _check_device(weight, z, op, "weight", "z")
+    _check_device(target, z, op, "target", "z")
+    _check_eps(eps, op)
+    _check_act(act, op)
+    _check_floating(z, op, "z")
+    _check_same_dtype(weight, z, op, "weight")
+    _check_same_dtype(target, z, op, "target")
+    if z.dim() != 4:
+        raise ValueError(f"{op}: z must be [B, Cout, Ho, Wo], got shape {list(z.shape)}")
+    if target.shape != z.shape:
+        raise ValueError(f"{op}: target must have the shape of z, {list(z.shape)}, got shape {list(target.shape)}")
+    if not len(in_size) == len(stride) == len(padding) == len(dilation) == 2:
+        raise ValueError(f"{op}: in_size, stride, padding and dilation must have 2 entries each")
+    if not (groups >= 1 and weight.dim() == 4 and weight.shape[0] == z.shape[1] and z.shape[1] % groups == 0):
+        raise ValueError(f"{op}: weight must be [Cout, Cin / groups, KH, KW] with Cout = {z.shape[1]} divisible by "
+                         f"groups = {groups}, got shape {list(weight.shape)}")
+    for a in range(2):
+        if not (stride[a] >= 1 and dilation[a] >= 1 and padding[a] >= 0 and in_size[a] >= 1):
+            raise ValueError(f"{op}: stride and dilation must be >= 1, padding >= 0, in_size >= 1")
+        k = weight.shape[2 + a]
+        expect = (in_size[a] + 2 * padding[a] - dilation[a] * (k - 1) - 1) // stride[a] + 1
+        if z.shape[2 + a] != expect:
+            raise ValueError(f"{op}: z's spatial size {list(z.shape[2:])} is not that of a conv of {list(in_size)} "
+                             f"(expected {expect} on axis {a})")
+
+
+def probe_conv2d(z, weight, target, in_size, stride, padding, dilation, groups, eps, act, alpha, beta):
+    """Fused probe of conv2d-then-s: for each tap (ky, kx), every output's +-eps W[o, c, ky, kx]
+    pair contracted with the target, summed over the group's outputs o and scattered to the
+    input position it came from; [B, Cin, H, W]."""
+    check_probe_conv2d(z, weight, target, in_size, stride, padding, dilation, groups, eps, act)
+    acc = _accumulate_dtype(z.dtype)
+    s = ACT_FUNCTIONS[act]
+    B, Cout, Ho, Wo = z.shape
+    G, cin_g, KH, KW = groups, weight.shape[1], weight.shape[2], weight.shape[3]
+    (sy, sx), (py, px), (dy, dx) = stride, padding, dilation
+    zz = z.to(acc).reshape(B, G, Cout // G, 1, Ho, Wo)
+    tt = target.to(acc).reshape(B, G, Cout // G, 1, Ho, Wo)
+    out = torch.zeros(B, G * cin_g, in_size[0] + 2 * py, in_size[1] + 2 * px, dtype=acc, device=z.device)
+    for ky in range(KH):
+        for kx in range(KW):
+            h = eps * weight[:, :, ky, kx].to(acc).reshape(1, G, Cout // G, cin_g, 1, 1)
+            part = (tt * (s(zz + h, alpha, beta) - s(zz - h, alpha, beta))).sum(2)  # [B, G, cin_g, Ho, Wo]
+            out[:, :, ky * dy: ky * dy + sy * (Ho - 1) + 1: sy, kx * dx: kx * dx + sx * (Wo - 1) + 1: sx] += \
+                part.reshape(B, G * cin_g, Ho, Wo)
+    return (out[:, :, py: py + in_size[0], px: px + in_size[1]] / (2 * eps)).to(z.dtype)

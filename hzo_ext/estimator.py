@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from . import _ext, distributed, executor as cpp_executor, graph, numerics, opengine, ops, spp as spp_geometry
 from .nvtx import nvtx_range
@@ -577,6 +578,13 @@ class HZO(StageEstimator):
         self.engine = "ops" if self._ops is not None else "stages"
         self.executor = "python" if self._cpp is None else "cpp"
 
+    def _fall_back(self, why: str) -> None:
+        """The op-level engine met something it does not run: the stage-wise engines from now on."""
+        self._ops, self.engine_reason = None, why
+        self._cpp = cpp_executor.select(self, *self._executor_args)
+        self.engine = "stages"
+        self.executor = "python" if self._cpp is None else "cpp"
+
     def _restaged(self) -> None:
         super()._restaged()
         self._colorings.clear()
@@ -643,7 +651,10 @@ class HZO(StageEstimator):
         self._refresh_stages()
         check_batch(x, None, self.stages)
         if self._ops is not None:
-            return self._ops_plan(x)
+            try:
+                return self._ops_plan(x)
+            except opengine.Unsupported as exc:
+                self._fall_back(str(exc))
         a, shapes = x.clone(), [tuple(x.shape[1:])]  # a copy: in-place ops must not write x
         for l in range(1, len(self.stages) + 1):
             a = run_stage(self.stages, l, a)
@@ -655,7 +666,10 @@ class HZO(StageEstimator):
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._refresh_stages()
         if self._ops is not None:
-            return self._backward_ops(x, y)
+            try:
+                return self._backward_ops(x, y)
+            except opengine.Unsupported as exc:  # found in the clean forward, before any p.grad was written
+                self._fall_back(str(exc))
         if self._cpp is not None and not (isinstance(x, torch.Tensor) and x.dtype in numerics.LOW_PRECISION):
             self._probe_dtype = None  # the C++ executor probes in the model's dtype
             return self._cpp.backward(x, y)  # low-precision models: the Python path probes them in float32
@@ -794,20 +808,20 @@ class HZO(StageEstimator):
             first = self.check_samples and key not in self._dynamic_checked
             if first:  # before the clean forward, so its memory is free again when that runs
                 with torch.no_grad():
-                    acts = [x.detach()]
-                    for l in range(1, len(self.stages) + 1):
-                        acts.append(run_stage(self.stages, l, acts[-1].clone()))
-                    check_stages_dynamic(self.stages, acts)
-                    model_out = acts[-1]
-                    del acts
+                    clean, _ = prog.forward(x.clone(), keep_vjp=False)
+                    prog.check_samples(x, clean)
+                    del clean
+                    model = self.model if isinstance(self.model, nn.Module) else nn.Sequential(*self.model)
+                    model_out = model(x.clone())  # the model's own forward, not a trace of it
             env, local = prog.forward(x)
             logits = env[prog.traced.out]
             _check_finite(logits, "the model's output in the clean forward")
             self.last_stats.forward_calls += 1
             if first:
                 if not torch.allclose(model_out, logits, rtol=1e-5, atol=1e-6 * (1 + logits.abs().max().item())):
-                    raise ValueError("the op-level engine's forward differs from the model's (an op with side "
-                                     "effects or aliasing it cannot see); pass split='bisect'")
+                    raise ValueError("the op-level engine's forward differs from the model's own (an op with side "
+                                     "effects or aliasing torch.fx does not record, e.g. += on an alias or an "
+                                     "in-place op on a view); pass split='bisect', executor='python'")
                 del model_out
                 self._dynamic_checked.add(key)
             loss = self.loss.check_reproduces(logits, y)

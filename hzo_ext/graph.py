@@ -80,10 +80,11 @@ def _is_setting(v) -> bool:
 class ModelWatch:
     """What a model's stages, their geometry and their lowering were made from, read again
     cheaply on every call: the identity of every module's parameters, buffers and children (a
-    replaced or appended module, a replaced parameter or buffer), the parameters' shapes, and
-    torch modules' plain settings (stride, padding, negative_slope, training, ...; other modules
-    run their own Python, which reads their attributes anew). In-place updates of values
-    (optimizer steps, load_state_dict) change nothing."""
+    replaced or appended module, a replaced parameter or buffer), the parameters' shapes and
+    requires_grad, every module's plain settings (stride, negative_slope, training, a custom
+    module's ``self.scale`` or ``self.use_act``: torch.fx bakes them into the trace) and its
+    number of forward hooks. In-place updates of values (optimizer steps, load_state_dict)
+    change nothing."""
 
     def __init__(self, model):
         tops = model if isinstance(model, (list, tuple)) else [model]
@@ -91,14 +92,16 @@ class ModelWatch:
         self._tops = list(tops)
         self._dicts = [d for m in mods for d in (m._parameters, m._buffers, m._modules)]
         self._params = [p for m in mods for p in m._parameters.values() if p is not None]
-        self._settings = [(m.__dict__, k) for m in mods if type(m).__module__.startswith("torch.")
+        self._settings = [(m.__dict__, k) for m in mods
                           for k, v in m.__dict__.items() if not k.startswith("_") and _is_setting(v)]
+        self._mods = mods
         self._seen = self._read()
 
     def _read(self) -> tuple:
         values = itertools.chain.from_iterable(map(dict.values, self._dicts))
         return (list(map(id, self._tops)), list(map(id, values)), [p.shape for p in self._params],
-                [d.get(k) for d, k in self._settings])
+                [p.requires_grad for p in self._params], [d.get(k) for d, k in self._settings],
+                [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._mods])
 
     def changed(self) -> bool:
         return self._read() != self._seen

@@ -5,7 +5,8 @@ import torch
 
 from . import _ext
 
-OPS = ("perturb", "contract", "contract_sized", "contract_spp", "probe_elementwise", "probe_linear")
+OPS = ("perturb", "contract", "contract_sized", "contract_spp", "probe_elementwise", "probe_linear",
+       "probe_conv2d")
 
 
 def info() -> dict:

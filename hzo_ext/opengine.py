@@ -26,6 +26,7 @@ import copy
 import math
 import operator
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ from torch import fx, nn
 
 from . import graph, ops
 from .registry import OpEntry, entry_for
-from .stages import BlackBox
+from .stages import BlackBox, changed_rows, stacked_variants
 
 __all__ = ["OpProgram", "Unsupported"]
 
@@ -73,8 +74,9 @@ def _is_inplace(n: fx.Node, module) -> bool:
     if n.kwargs.get("inplace") is True or getattr(module, "inplace", False) is True:
         return True
     t = n.target
-    return (n.op == "call_method" and str(t).endswith("_")) or t in (operator.iadd, operator.isub, operator.imul,
-                                                                    operator.itruediv)
+    name = t if n.op == "call_method" else getattr(t, "__name__", "")
+    return (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) or \
+        t in (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 def _tensors(v):
@@ -99,24 +101,28 @@ class OpProgram:
         self.state = set(t.order)
         params = {name: p for name, p in self.model.named_parameters()}
         self.steps: list[OpStep] = []
-        for n in t.order[1:]:
-            if n in t.meta:
-                continue
+        for n in t.order[1:]:  # sizes and bools too: they get no target (decided by their values)
             module = self.model.get_submodule(n.target) if n.op == "call_module" else None
             entry = entry_for(n.op, n.target, module)
             if entry.affine_args is not None and any(isinstance(a, fx.Node) and a in self.state
                                                      for k, a in enumerate(n.args) if k not in entry.affine_args):
                 entry = OpEntry("probed")  # e.g. a / b with b depending on x
-            inputs = tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state and a not in t.meta))
+            inputs = tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state))
             own = list(module.parameters()) if module is not None else []
             own += [params[c.target] for c in self._constants_of(n) if c.target in params]
-            self.steps.append(OpStep(n, len(self.steps) + 1, entry, module,
-                                     inputs, tuple(p for p in dict.fromkeys(own) if p.requires_grad),
+            own = tuple(p for p in dict.fromkeys(own) if p.requires_grad)
+            if entry.kind == "elementwise" and own:
+                entry = OpEntry("probed")  # e.g. clamp(h, min=parameter): the parameter needs its leaf
+            self.steps.append(OpStep(n, len(self.steps) + 1, entry, module, inputs, own,
                                      f"{n.target}: {type(module).__name__}" if module is not None else n.name,
                                      _is_inplace(n, module)))
         if not self.steps:
             raise Unsupported("the model returns its input unchanged")
         self._step_of = {s.node: s for s in self.steps}
+        cut = [s.label for s in self.steps if s.node.target in ("detach", "detach_", torch.detach)]
+        if cut:
+            warnings.warn(f"{', '.join(cut)}: .detach() inside forward is an autograd instruction; a zeroth-order "
+                          f"estimate follows the values, so gradients flow through it here", stacklevel=5)
         # An in-place op whose input another op reads afterwards: that op would see the written
         # value in the model, the clean one here (the engine copies inputs of in-place ops).
         pos = {n: i for i, n in enumerate(t.order)}
@@ -189,7 +195,7 @@ class OpProgram:
                 if vjp and s.entry.kind == "affine":
                     leaves = {a: _leaf(env[a]) for a in s.inputs if a is not self.traced.x}
                 swap = {a: _copy(v) for a, v in leaves.items()} if s.inplace else dict(leaves)
-                if s.inplace:
+                if s.inplace or s.entry.kind == "probed":  # a module we do not know may write its input
                     swap.update({a: _copy(env[a]) for a in s.inputs if a not in swap})
                 args, kwargs = self._args(n, env, swap)
                 with torch.set_grad_enabled(vjp):
@@ -199,8 +205,43 @@ class OpProgram:
                     continue
                 if vjp:
                     local[n] = (out, leaves)
-                env[n] = out.detach() if isinstance(out, torch.Tensor) else type(out)(t.detach() for t in out)
+                env[n] = out.detach() if isinstance(out, torch.Tensor) else \
+                    _rebuild(out, [t.detach() if isinstance(t, torch.Tensor) else t for t in out])
         return env, local
+
+    @torch.no_grad()
+    def check_samples(self, x: torch.Tensor, env) -> None:
+        """Once per input shape: every op is deterministic, and its outputs for the batch stay the
+        same when far-away copies are stacked before or after the batch at the input (no in-batch
+        statistics, no dependence on the row index; ``stages.stacked_variants``). Names the first
+        op whose batch rows change."""
+        B = x.shape[0]
+
+        def rows_of(v):
+            return v if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() and v.shape[0] == B \
+                else None
+
+        again, _ = self.forward(x.clone(), keep_vjp=False)
+        for s in self.steps:
+            a, b = rows_of(env[s.node]), again[s.node]
+            if a is not None and not (torch.equal(a, b) or torch.allclose(a, b, rtol=1e-6, atol=0)):
+                raise ValueError(f"op {s.index} ({s.label}) is not deterministic: two evaluations of the same input "
+                                 f"differ, so finite differences through it are noise (fix its seed, call .eval(), "
+                                 f"or pass training=self.training to functional dropout)")
+        for stacked, rows in stacked_variants(x):
+            try:
+                other, _ = self.forward(stacked, keep_vjp=False)
+            except ValueError as exc:
+                raise ValueError(f"the model depends on the batch size: stacking other samples with the batch "
+                                 f"failed ({exc})") from exc
+            for s in self.steps:
+                a, b = rows_of(env[s.node]), other[s.node]
+                if a is None or not isinstance(b, torch.Tensor) or b.shape[0] != stacked.shape[0]:
+                    continue
+                if changed_rows(b[rows], a):
+                    raise ValueError(f"op {s.index} ({s.label}) mixes samples: stacking other samples with the batch "
+                                     f"changed the batch's outputs (batch statistics, a mean or median over the "
+                                     f"batch, a dependence on the row index); ops must treat samples independently")
 
     def shapes(self, env) -> list:
         """Per-sample shapes of a_0 (x) and every op's output (tuples: the first tensor's; a bool
@@ -218,6 +259,14 @@ def _fetch(root: nn.Module, target: str):
     return obj
 
 
+def _pairs(out, t) -> list:
+    """(output tensor, its target) for the outputs autograd can differentiate."""
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    ts = [t] if isinstance(t, torch.Tensor) else list(t)
+    return [(o, ti) for o, ti in zip(outs, ts)
+            if isinstance(o, torch.Tensor) and o.requires_grad and isinstance(ti, torch.Tensor)]
+
+
 def _has_target(v) -> bool:
     """A floating tensor, or a tuple of them (masks, indices, sizes and bools have no target)."""
     if isinstance(v, torch.Tensor):
@@ -231,16 +280,21 @@ def _flat(v):
     return [v]
 
 
+def _rebuild(v, items: list):
+    """A tuple/list like v (a namedtuple, a torch.return_types structseq) holding items."""
+    return type(v)(*items) if hasattr(type(v), "_fields") else type(v)(items)
+
+
 def _leaf(v):
     if isinstance(v, torch.Tensor):
         return v.detach().requires_grad_(v.is_floating_point())
-    return type(v)(_leaf(t) for t in v) if isinstance(v, (tuple, list)) else v
+    return _rebuild(v, [_leaf(t) for t in v]) if isinstance(v, (tuple, list)) else v
 
 
 def _copy(v):
     if isinstance(v, torch.Tensor):
         return v.clone()
-    return type(v)(_copy(t) for t in v) if isinstance(v, (tuple, list)) else v
+    return _rebuild(v, [_copy(t) for t in v]) if isinstance(v, (tuple, list)) else v
 
 
 def fused_elementwise(step: OpStep, spp) -> bool:
@@ -274,8 +328,9 @@ class OpRun:
             if t is None:
                 local.pop(s.node, None)
                 continue  # its output does not reach the loss
-            if isinstance(env[s.node], (tuple, list)):
-                t = [torch.zeros_like(o) if ti is None else ti for o, ti in zip(env[s.node], t)]
+            if isinstance(env[s.node], (tuple, list)):  # elements nobody read: zero targets
+                t = [torch.zeros_like(o) if ti is None and isinstance(o, torch.Tensor) else ti
+                     for o, ti in zip(env[s.node], t)]
             wanted = [a for a in s.inputs if a is not p.traced.x and _has_target(env[a])]
             if s.entry.kind == "affine":
                 got = self._fold(s, local.pop(s.node), t, wanted)
@@ -302,12 +357,11 @@ class OpRun:
     def _fold(self, s: OpStep, saved, t, wanted) -> list:
         """Affine op: input targets A^T t and the op's weight gradient, by its VJP."""
         out, leaves = saved
-        outs = _tensors(out)
-        ts = [t] if isinstance(t, torch.Tensor) else list(t)
         flat = [(a, i, leaf) for a in wanted if a in leaves
-                for i, leaf in (((None, leaves[a]),) if isinstance(leaves[a], torch.Tensor) else enumerate(leaves[a]))]
+                for i, leaf in (((None, leaves[a]),) if isinstance(leaves[a], torch.Tensor) else enumerate(leaves[a]))
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad]  # indices of max/topk: no target
         inputs = [leaf for _, _, leaf in flat] + list(s.params)
-        pairs = [(o, ti) for o, ti in zip(outs, ts) if o.requires_grad]
+        pairs = _pairs(out, t)
         if not pairs or not inputs:
             return {}
         # retain_graph: a constant computed from a parameter (w.t()) may feed several ops; each
@@ -381,9 +435,7 @@ class OpRun:
         elif saved is None:
             return
         else:
-            out = _tensors(saved[0])
-            ts = [t] if isinstance(t, torch.Tensor) else list(t)
-            pairs = [(o, ti) for o, ti in zip(out, ts) if o.requires_grad]
+            pairs = _pairs(saved[0], t)
             grads = torch.autograd.grad([o for o, _ in pairs], list(s.params), [ti.to(o.dtype) for o, ti in pairs],
                                         allow_unused=True, retain_graph=True) if pairs else [None] * len(s.params)
         self.est._accumulate(s.params, grads)

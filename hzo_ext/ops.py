@@ -15,7 +15,8 @@ import torch
 from . import _torch_impl
 from ._ext import has_extension
 
-__all__ = ["perturb", "contract", "contract_spp", "probe_elementwise", "probe_linear", "dense_colors", "dense_owner"]
+__all__ = ["perturb", "contract", "contract_spp", "probe_elementwise", "probe_linear", "probe_conv2d", "dense_colors",
+           "dense_owner"]
 
 
 def perturb(a: torch.Tensor, colors: torch.Tensor, probe_ids: torch.Tensor, eps: float) -> torch.Tensor:
@@ -76,6 +77,21 @@ def probe_linear(z: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ep
     if has_extension():
         return torch.ops.hzo_ext.probe_linear(z, weight, target, eps, act, alpha, beta)
     return _torch_impl.probe_linear(z, weight, target, eps, act, alpha, beta)
+
+
+def probe_conv2d(z: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, in_size, stride=(1, 1),
+                 padding=(0, 0), dilation=(1, 1), groups: int = 1, eps: float = 1e-3, act: int = 0,
+                 alpha: float = 0.0, beta: float = 0.0) -> torch.Tensor:
+    """Fused probe of a Conv2d-then-elementwise piece ``s(conv(a) + bias)``: z = conv(a) + bias
+    [B, Cout, Ho, Wo], weight [Cout, Cin / groups, KH, KW], in_size = a's [H, W]. Each input
+    coordinate (c, iy, ix) gets the sum over the outputs (o, oy, ox) it feeds through tap (ky, kx)
+    of ``target * (s(z + eps W[o, c', ky, kx]) - s(z - eps W[o, c', ky, kx])) / (2 eps)``:
+    [B, Cin, H, W], no perturbed copy in memory."""
+    args = ([int(v) for v in in_size], [int(v) for v in stride], [int(v) for v in padding],
+            [int(v) for v in dilation], int(groups))
+    if has_extension():
+        return torch.ops.hzo_ext.probe_conv2d(z, weight, target, *args, eps, act, alpha, beta)
+    return _torch_impl.probe_conv2d(z, weight, target, *args, eps, act, alpha, beta)
 
 
 def dense_colors(num_coords: int, device=None) -> torch.Tensor:
@@ -157,6 +173,11 @@ if has_extension():
     def _probe_linear_fake(z, weight, target, eps, act, alpha, beta):
         _torch_impl.check_probe_linear(z, weight, target, eps, act)
         return z.new_empty((z.shape[0], weight.shape[1]))
+
+    @torch.library.register_fake("hzo_ext::probe_conv2d")
+    def _probe_conv2d_fake(z, weight, target, in_size, stride, padding, dilation, groups, eps, act, alpha, beta):
+        _torch_impl.check_probe_conv2d(z, weight, target, in_size, stride, padding, dilation, groups, eps, act)
+        return z.new_empty((z.shape[0], weight.shape[1] * groups, in_size[0], in_size[1]))
 
     torch.library.register_autograd("hzo_ext::contract_spp", _contract_backward, setup_context=_setup_contract_spp)
     torch.library.register_autograd("hzo_ext::perturb", _perturb_backward, setup_context=_setup_perturb)

@@ -99,7 +99,7 @@ for _c in ELEMENTWISE_CALLS:
     _CALLS.setdefault(_c, _elementwise())
 for _c in (operator.add, operator.iadd, operator.sub, operator.isub, operator.neg, operator.mul, operator.imul,
            operator.matmul, operator.getitem, torch.add, torch.sub, torch.mul, torch.neg, torch.matmul, torch.bmm,
-           torch.flatten, torch.cat, torch.mean, torch.sum, torch.transpose, torch.permute, torch.reshape,
+           getattr, torch.flatten, torch.cat, torch.stack, torch.mean, torch.sum, torch.transpose, torch.permute, torch.reshape,
            torch.squeeze, torch.unsqueeze, F.linear, F.conv1d, F.conv2d, F.conv3d, F.avg_pool1d, F.avg_pool2d,
            F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout, F.pad,
            torch.unbind, torch.chunk, torch.split, "unbind", "chunk", "split",

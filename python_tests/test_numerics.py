@@ -138,7 +138,7 @@ class BatchMedian(nn.Module):
 def test_coupling_stage_refused_at_any_batch_size(mixer, n, executor):
     model = nn.Sequential(nn.Linear(6, 8), mixer(), nn.Linear(8, 5)).double()
     x, y = batch(n=n)
-    with pytest.raises(ValueError, match=rf"stage 2 \({mixer.__name__}\) mixes samples"):
+    with pytest.raises(ValueError, match=rf"(stage 2 \({mixer.__name__}\)|op \d+ \(.*\)) mixes samples"):
         hzo_ext.HZO(model, nn.CrossEntropyLoss(), executor=executor).backward(x, y)
 
 

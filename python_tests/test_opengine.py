@@ -82,6 +82,57 @@ def test_fused_probes_opcheck():
     torch.library.opcheck(torch.ops.hzo_ext.probe_linear.default, (z, w, t, 1e-2, 1, 0.0, 0.0))
 
 
+CONVS = [dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
+         dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2), groups=2),
+         dict(stride=(2, 2), padding=(1, 0), dilation=(2, 1), groups=4)]
+
+
+@pytest.mark.parametrize("geometry", CONVS, ids=["plain", "strided-dilated-g2", "depthwise-ish-g4"])
+@pytest.mark.parametrize("name,code,alpha,beta", ACTS, ids=[a[0] for a in ACTS])
+def test_probe_conv2d_equals_the_unfused_probe(name, code, alpha, beta, geometry):
+    torch.manual_seed(code)
+    conv = nn.Conv2d(4, 8, (3, 2), **geometry).double()
+    a = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    s = lambda v: _torch_impl.ACT_FUNCTIONS[code](v, alpha, beta)  # noqa: E731
+    with torch.no_grad():
+        z = conv(a)
+        t = torch.randn_like(z)
+        fused = ops.probe_conv2d(z, conv.weight, t, (7, 6), eps=1e-3, act=code, alpha=alpha, beta=beta, **geometry)
+        unfused = _unfused(lambda v: s(conv(v)), a, t, 1e-3)
+    torch.testing.assert_close(fused.reshape(2, -1), unfused, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not hzo_ext.has_extension(), reason="compiled ops not loaded")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_compiled_probe_conv2d_matches_the_reference(dtype):
+    torch.manual_seed(0)
+    g = CONVS[1]
+    conv = nn.Conv2d(4, 8, (3, 2), **g)
+    a = torch.randn(2, 4, 7, 6)
+    with torch.no_grad():
+        z = conv(a)
+    t, w = torch.randn_like(z).to(dtype), conv.weight.detach().to(dtype)
+    args = ([7, 6], list(g["stride"]), list(g["padding"]), list(g["dilation"]), g["groups"])
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 3e-2)
+    for _, code, alpha, beta in ACTS:
+        got = torch.ops.hzo_ext.probe_conv2d(z.to(dtype), w, t, *args, 0.05, code, alpha, beta)
+        ref = _torch_impl.probe_conv2d(z.to(dtype), w, t, *args, 0.05, code, alpha, beta)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    torch.library.opcheck(torch.ops.hzo_ext.probe_conv2d.default, (z, conv.weight.detach(), torch.randn_like(z), *args,
+                                                                   1e-2, 1, 0.0, 0.0))
+
+
+def test_probe_conv2d_geometry_errors_name_the_problem():
+    z, w = torch.randn(2, 8, 5, 4), torch.randn(8, 4, 3, 3)
+    impls = [_torch_impl.probe_conv2d] + ([torch.ops.hzo_ext.probe_conv2d] if hzo_ext.has_extension() else [])
+    for impl in impls:
+        with pytest.raises(ValueError, match=r"z's spatial size \[5, 4\] is not that of a conv of \[9, 9\]"):
+            impl(z, w, z, [9, 9], [1, 1], [0, 0], [1, 1], 1, 1e-3, 1, 0.0, 0.0)
+        with pytest.raises(ValueError, match=r"weight must be \[Cout, Cin / groups, KH, KW\] with Cout = 8 divisible "
+                                             r"by groups = 3"):
+            impl(z, w, z, [7, 6], [1, 1], [0, 0], [1, 1], 3, 1e-3, 1, 0.0, 0.0)
+
+
 BAD = [
     (lambda: (torch.randn(2, 3), torch.randn(2, 4), 1e-3, 1), ValueError, "target must have the shape of z"),
     (lambda: (torch.randn(2, 3), torch.randn(2, 3).double(), 1e-3, 1), TypeError, "target dtype torch.float64"),
@@ -323,3 +374,163 @@ def test_the_memory_budget_sets_the_chunks_of_probed_ops():
     small.backward(x, y)
     for a, b in zip(g, model.parameters()):
         torch.testing.assert_close(b.grad, a, rtol=1e-10, atol=1e-13)
+
+
+# ---- found by a hostile tester: each was silently wrong or an unclear crash ---------------------
+
+MSE = nn.MSELoss()
+
+
+def _cos_default(model, x, **kw):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        y = torch.randn_like(model(x.clone()))
+    est = hzo_ext.HZO(model, MSE, eps=1e-6, **kw)
+    model.zero_grad(set_to_none=True)
+    est.backward(x, y)
+    ref = hzo_ext.reference_named_grads(model, MSE, x, y)
+    return min(hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref).values()), est
+
+
+class Transposed(nn.Module):  # a tensor attribute (getattr: .mT) carries the target
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x.view(-1, 2, 3))).mT).flatten(1)
+
+
+class MaxValues(nn.Module):  # tuple outputs with integer indices: max(...)[0], .values, topk
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x.view(-1, 2, 3)))
+        return self.l2(torch.max(h, dim=1)[0] + torch.max(h, dim=1).values + torch.topk(h, 1, dim=1)[0][:, 0])
+
+
+class FunctionInPlace(nn.Module):  # torch.relu_ called as a function
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch.relu_(h)
+        return self.o(h)
+
+
+class ClampByParameter(nn.Module):  # an elementwise op with a parameter argument
+    def __init__(self):
+        super().__init__()
+        self.a, self.o, self.lo = nn.Linear(6, 8), nn.Linear(8, 3), nn.Parameter(torch.randn(8) * 0.3)
+
+    def forward(self, x):
+        return self.o(self.a(x).clamp(min=self.lo))
+
+
+class AttentionNoWeights(nn.Module):  # a tuple output holding None
+    def __init__(self):
+        super().__init__()
+        self.att, self.o = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = x.view(-1, 3, 4)
+        return self.o(self.att(h, h, h, need_weights=False)[0].flatten(1))
+
+
+class StackUnbind(nn.Module):  # stack of an unbind: a tuple into a non-affine op
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x).view(-1, 2, 3)
+        return self.o(torch.stack(torch.unbind(h, 1), 2).flatten(1))
+
+
+@pytest.mark.parametrize("make", [Transposed, MaxValues, FunctionInPlace, ClampByParameter, AttentionNoWeights,
+                                  StackUnbind,
+                                  lambda: nn.Sequential(nn.Linear(8, 8), hzo_ext.BlackBox(nn.ReLU(inplace=True)),
+                                                        nn.Linear(8, 3))],
+                         ids=["mT", "max-values-topk", "torch.relu_", "clamp-by-parameter", "mha-no-weights",
+                              "stack-unbind", "blackbox-inplace"])
+def test_hostile_models_match_autograd(make):
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(4, 8 if isinstance(model, nn.Sequential) else (12 if isinstance(model, AttentionNoWeights) else 6),
+                    dtype=torch.float64)
+    cos, _ = _cos_default(model, x)
+    assert cos > 0.999
+
+
+class Settings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.scale, self.use_act = nn.Linear(5, 5), nn.Linear(5, 3), 1.0, True
+
+    def forward(self, x):
+        h = self.l1(x) * self.scale
+        if self.use_act:
+            h = torch.tanh(h)
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("change", ["hook", "unfreeze", "freeze", "attributes"])
+def test_changes_after_construction_are_seen(change):
+    torch.manual_seed(0)
+    model = (Settings() if change == "attributes" else nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)))
+    model = model.double()
+    x = torch.randn(4, 5 if change == "attributes" else 6, dtype=torch.float64)
+    if change == "unfreeze":
+        model[0].weight.requires_grad_(False)
+    est = hzo_ext.HZO(model, MSE, eps=1e-6)
+    est.backward(x, torch.zeros(4, 3, dtype=torch.float64))
+    if change == "hook":
+        model[1].register_forward_hook(lambda mod, inp, out: out * out)
+    elif change == "unfreeze":
+        model[0].weight.requires_grad_(True)
+    elif change == "freeze":
+        model[2].weight.requires_grad_(False)
+    else:
+        model.scale, model.use_act = 3.0, False
+    y = torch.randn(4, 3, dtype=torch.float64)
+    model.zero_grad(set_to_none=True)
+    est.backward(x, y)
+    ref = hzo_ext.reference_named_grads(model, MSE, x, y)
+    cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
+    assert set(cos) == {n for n, p in model.named_parameters() if p.requires_grad} and min(cos.values()) > 0.9999
+
+
+class AliasedAdd(nn.Module):  # += on an alias: torch.fx records an out-of-place add
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        g = h
+        h += 1.0
+        return self.l2(torch.tanh(g) * h)
+
+
+def test_an_alias_fx_cannot_see_is_refused_not_wrong():
+    model = AliasedAdd().double()
+    with pytest.raises(ValueError, match="differs from the model's own"):
+        hzo_ext.HZO(model, MSE).backward(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64))
+
+
+def test_detach_inside_forward_warns():
+    class StraightThrough(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.l1(x)
+            return self.l2(h + (torch.round(h) - h).detach())
+
+    with pytest.warns(UserWarning, match="detach\\(\\) inside forward"):
+        hzo_ext.HZO(StraightThrough(), MSE)

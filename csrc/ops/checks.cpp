@@ -221,6 +221,50 @@ void check_probe_linear_args(const at::Tensor& z, const at::Tensor& weight, cons
                     ", got shape ", target.sizes());
 }
 
+ConvGeometry check_probe_conv2d_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target,
+                                     at::IntArrayRef in_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, double eps, int64_t act) {
+  const char* op = "hzo_ext::probe_conv2d";
+  check_device(weight, z, op, "weight", "z");
+  check_device(target, z, op, "target", "z");
+  check_eps(eps, op);
+  check_act(act, op);
+  check_floating(z, op, "z");
+  check_same_dtype(weight, z, op, "weight");
+  check_same_dtype(target, z, op, "target");
+  TORCH_CHECK_VALUE(z.dim() == 4, op, ": z must be [B, Cout, Ho, Wo], got shape ", z.sizes());
+  TORCH_CHECK_VALUE(target.sizes() == z.sizes(), op, ": target must have the shape of z, ", z.sizes(),
+                    ", got shape ", target.sizes());
+  TORCH_CHECK_VALUE(in_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": in_size, stride, padding and dilation must have 2 entries each");
+  TORCH_CHECK_VALUE(groups >= 1 && weight.dim() == 4 && weight.size(0) == z.size(1) && z.size(1) % groups == 0, op,
+                    ": weight must be [Cout, Cin / groups, KH, KW] with Cout = ", z.size(1),
+                    " divisible by groups = ", groups, ", got shape ", weight.sizes());
+  ConvGeometry g;
+  g.B = z.size(0);
+  g.Cout = z.size(1);
+  g.Cin = weight.size(1) * groups;
+  g.H = in_size[0];
+  g.W = in_size[1];
+  g.Ho = z.size(2);
+  g.Wo = z.size(3);
+  g.KH = weight.size(2);
+  g.KW = weight.size(3);
+  g.groups = groups;
+  for (int a = 0; a < 2; ++a) {
+    TORCH_CHECK_VALUE(stride[a] >= 1 && dilation[a] >= 1 && padding[a] >= 0 && in_size[a] >= 1, op,
+                      ": stride and dilation must be >= 1, padding >= 0, in_size >= 1");
+    g.stride[a] = stride[a];
+    g.padding[a] = padding[a];
+    g.dilation[a] = dilation[a];
+    const int64_t k = a == 0 ? g.KH : g.KW, out = a == 0 ? g.Ho : g.Wo;
+    const int64_t expect = (in_size[a] + 2 * padding[a] - dilation[a] * (k - 1) - 1) / stride[a] + 1;
+    TORCH_CHECK_VALUE(out == expect, op, ": z's spatial size ", z.sizes().slice(2), " is not that of a conv of ",
+                      in_size, " (expected ", expect, " on axis ", a, ")");
+  }
+  return g;
+}
+
 OwnerCsr owner_csr(const at::Tensor& owner, int64_t num_inputs) {
   auto flat = owner.reshape({-1});
   auto sorted = flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../core/elementwise.h"
 #include "../core/hzo_math.h"
 
 #include <optional>
@@ -41,6 +42,12 @@ void check_probe_elementwise_args(const at::Tensor& z, const at::Tensor& target,
 // probe_linear: z [B, Q] floating, weight [Q, K] and target [B, Q] same device and dtype.
 void check_probe_linear_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target, double eps,
                              int64_t act);
+
+// probe_conv2d: z [B, Cout, Ho, Wo] floating, weight [Cout, Cin / groups, KH, KW] and target
+// same device and dtype, the geometry consistent (Ho, Wo those of a conv of in_size). Returns it.
+ConvGeometry check_probe_conv2d_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target,
+                                     at::IntArrayRef in_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups, double eps, int64_t act);
 
 // The owner map grouped by input coordinate, in (k, q) flat order: entries of coordinate s are
 // perm[offsets[s] .. offsets[s+1]). Device-agnostic (built with ATen on owner's device).

@@ -29,4 +29,10 @@ TORCH_LIBRARY(hzo_ext, m) {
   // out[b, k] = sum_q target[b, q] * (s(z[b, q] + eps A[q, k]) - s(z[b, q] - eps A[q, k])) / (2 eps).
   m.def("probe_linear(Tensor z, Tensor weight, Tensor target, float eps, int act, float alpha, float beta) "
         "-> Tensor");
+  // Conv2d affine part (weight [Cout, Cin / groups, KH, KW]), z = conv(a) + bias [B, Cout, Ho, Wo] the
+  // clean output, in_size = [H, W] of the probed input a [B, Cin, H, W]: out[b, c, iy, ix] = sum over
+  // the outputs (o, oy, ox) input (c, iy, ix) feeds through tap (ky, kx) of
+  // target * (s(z + eps W[o, c', ky, kx]) - s(z - eps W[o, c', ky, kx])) / (2 eps).
+  m.def("probe_conv2d(Tensor z, Tensor weight, Tensor target, int[] in_size, int[] stride, int[] padding, "
+        "int[] dilation, int groups, float eps, int act, float alpha, float beta) -> Tensor");
 }

@@ -94,7 +94,44 @@ at::Tensor probe_linear_cpu(const at::Tensor& z_in, const at::Tensor& weight, co
   return out;
 }
 
+at::Tensor probe_conv2d_cpu(const at::Tensor& z_in, const at::Tensor& weight_in, const at::Tensor& target_in,
+                            at::IntArrayRef in_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, double eps, int64_t act, double alpha,
+                            double beta) {
+  const ConvGeometry g =
+      check_probe_conv2d_args(z_in, weight_in, target_in, in_size, stride, padding, dilation, groups, eps, act);
+  const auto z = z_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto target = target_in.contiguous();
+  auto out = at::empty({g.B, g.Cin, g.H, g.W}, z.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "hzo_ext::probe_conv2d", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* tp = target.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const acc_t e = static_cast<acc_t>(eps), inv = acc_t(1) / (acc_t(2) * e);
+    const acc_t al = static_cast<acc_t>(alpha), be = static_cast<acc_t>(beta);
+    const auto to_acc = [](scalar_t v) { return static_cast<acc_t>(v); };
+    with_act(act, [&](auto code) {
+      at::parallel_for(0, g.B * g.Cin, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bc = begin; bc < end; ++bc) {
+          const int64_t b = bc / g.Cin, c = bc % g.Cin;
+          for (int64_t iy = 0; iy < g.H; ++iy) {
+            for (int64_t ix = 0; ix < g.W; ++ix) {
+              const acc_t v = conv_probe_input<acc_t>(zp, wp, tp, g, b, c, iy, ix, code.value, e, al, be, to_acc);
+              o[(bc * g.H + iy) * g.W + ix] = static_cast<scalar_t>(v * inv);
+            }
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(hzo_ext, CPU, m) {
+  m.impl("probe_conv2d", &probe_conv2d_cpu);
   m.impl("probe_elementwise", &probe_elementwise_cpu);
   m.impl("probe_linear", &probe_linear_cpu);
 }

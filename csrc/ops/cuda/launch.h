@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "../../core/elementwise.h"
 #include "../../core/hzo_math.h"
 
 namespace hzo {
@@ -29,6 +30,10 @@ const char* launch_probe_elementwise(DType dtype, const void* z, const void* tar
                                      double eps, int64_t act, double alpha, double beta, void* stream);
 const char* launch_probe_linear(DType dtype, const void* z, const void* wt, const void* target, void* out,
                                 int64_t B, int64_t Q, int64_t K, double eps, int64_t act, double alpha, double beta,
+                                void* stream);
+
+const char* launch_probe_conv2d(DType dtype, const void* z, const void* weight, const void* target, void* out,
+                                const ConvGeometry& g, double eps, int64_t act, double alpha, double beta,
                                 void* stream);
 
 }  // namespace hzo

@@ -107,7 +107,25 @@ at::Tensor probe_linear_cuda(const at::Tensor& z_in, const at::Tensor& weight, c
   return out;
 }
 
+at::Tensor probe_conv2d_cuda(const at::Tensor& z_in, const at::Tensor& weight_in, const at::Tensor& target_in,
+                             at::IntArrayRef in_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, double eps, int64_t act, double alpha,
+                             double beta) {
+  const ConvGeometry g =
+      check_probe_conv2d_args(z_in, weight_in, target_in, in_size, stride, padding, dilation, groups, eps, act);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const auto z = z_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto target = target_in.contiguous();
+  auto out = at::empty({g.B, g.Cin, g.H, g.W}, z.options());
+  const char* err = launch_probe_conv2d(to_dtype(z.scalar_type()), z.data_ptr(), weight.data_ptr(), target.data_ptr(),
+                                        out.data_ptr(), g, eps, act, alpha, beta, current_stream());
+  TORCH_CHECK(err == nullptr, "hzo_ext::probe_conv2d: CUDA launch failed: ", err);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(hzo_ext, CUDA, m) {
+  m.impl("probe_conv2d", &probe_conv2d_cuda);
   m.impl("probe_elementwise", &probe_elementwise_cuda);
   m.impl("probe_linear", &probe_linear_cuda);
   m.impl("contract_spp", &contract_spp_cuda);

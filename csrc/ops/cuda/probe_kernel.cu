@@ -39,6 +39,23 @@ __global__ void probe_linear_kernel(const T* __restrict__ z, const T* __restrict
   }
 }
 
+// One thread per input element (b, c, iy, ix): the sum over its outputs in a fixed order.
+template <typename T>
+__global__ void probe_conv2d_kernel(const T* __restrict__ z, const T* __restrict__ weight,
+                                    const T* __restrict__ target, T* __restrict__ out, ConvGeometry g,
+                                    typename Acc<T>::type eps, int64_t act, typename Acc<T>::type alpha,
+                                    typename Acc<T>::type beta) {
+  using acc_t = typename Acc<T>::type;
+  const acc_t inv = acc_t(1) / (acc_t(2) * eps);
+  const int64_t n = g.B * g.Cin * g.H * g.W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t ix = i % g.W, iy = (i / g.W) % g.H, c = (i / (g.W * g.H)) % g.Cin, b = i / (g.W * g.H * g.Cin);
+    const acc_t v = conv_probe_input<acc_t>(z, weight, target, g, b, c, iy, ix, act, eps, alpha, beta,
+                                            [](T x) { return to_acc(x); });
+    out[i] = from_acc<T>(v * inv);
+  }
+}
+
 unsigned grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
@@ -71,7 +88,32 @@ const char* linear(const void* z, const void* wt, const void* target, void* out,
   return last_error();
 }
 
+template <typename T>
+const char* conv2d(const void* z, const void* weight, const void* target, void* out, const ConvGeometry& g,
+                   double eps, int64_t act, double alpha, double beta, cudaStream_t s) {
+  const int64_t n = g.B * g.Cin * g.H * g.W;
+  if (n == 0) return nullptr;
+  using acc_t = typename Acc<T>::type;
+  probe_conv2d_kernel<T><<<grid_for(n, 128), 128, 0, s>>>(
+      static_cast<const T*>(z), static_cast<const T*>(weight), static_cast<const T*>(target), static_cast<T*>(out), g,
+      static_cast<acc_t>(eps), act, static_cast<acc_t>(alpha), static_cast<acc_t>(beta));
+  return last_error();
+}
+
 }  // namespace
+
+const char* launch_probe_conv2d(DType dtype, const void* z, const void* weight, const void* target, void* out,
+                                const ConvGeometry& g, double eps, int64_t act, double alpha, double beta,
+                                void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return conv2d<float>(z, weight, target, out, g, eps, act, alpha, beta, s);
+    case DType::kFloat64: return conv2d<double>(z, weight, target, out, g, eps, act, alpha, beta, s);
+    case DType::kFloat16: return conv2d<__half>(z, weight, target, out, g, eps, act, alpha, beta, s);
+    case DType::kBFloat16: return conv2d<__nv_bfloat16>(z, weight, target, out, g, eps, act, alpha, beta, s);
+  }
+  return "hzo_ext::probe_conv2d: unsupported dtype";
+}
 
 const char* launch_probe_elementwise(DType dtype, const void* z, const void* target, void* out, int64_t n,
                                      double eps, int64_t act, double alpha, double beta, void* stream) {
