@@ -571,6 +571,8 @@ class HZO(StageEstimator):
             if why is None:
                 try:
                     self._ops = opengine.OpProgram(self.model)
+                    # fx baked the plain attributes of the modules it traced through: watch them too
+                    self._watch = graph.ModelWatch(self.model, traced=self._ops.traced.through)
                 except opengine.Unsupported as exc:
                     why = str(exc)
             self.engine_reason = why

@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import _ext
-from .graph import ELEMENTWISE_CALLS, SUMS
+from .registry import ELEMENTWISE_CALLS, SUMS
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
 __all__ = ["unsupported_option", "select", "CppExecutor", "lower"]

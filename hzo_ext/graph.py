@@ -25,10 +25,7 @@ import warnings
 import torch
 from torch import fx, nn
 
-__all__ = ["Stages", "GraphStage", "opaque", "stages_of", "ModelWatch", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC"]
-
-# The tables of traced calls live in the registry (one place for op knowledge).
-from .registry import ARITHMETIC, ELEMENTWISE_CALLS, SUMS  # noqa: E402,F401 (re-exported)
+__all__ = ["Stages", "GraphStage", "opaque", "is_opaque", "trace", "Traced", "stages_of", "ModelWatch"]
 
 _OPAQUE_ATTR = "_hzo_opaque"
 # Node results that are not tensors (sizes, dims): such a value never makes a cut.
@@ -81,18 +78,20 @@ class ModelWatch:
     """What a model's stages, their geometry and their lowering were made from, read again
     cheaply on every call: the identity of every module's parameters, buffers and children (a
     replaced or appended module, a replaced parameter or buffer), the parameters' shapes and
-    requires_grad, every module's plain settings (stride, negative_slope, training, a custom
-    module's ``self.scale`` or ``self.use_act``: torch.fx bakes them into the trace) and its
-    number of forward hooks. In-place updates of values (optimizer steps, load_state_dict)
-    change nothing."""
+    requires_grad, every module's number of forward hooks, and the plain settings (stride,
+    negative_slope, training, ...) of torch modules and of the modules in ``traced`` (those
+    torch.fx traced through: it bakes their ``self.scale`` or ``self.use_act`` into the graph;
+    other modules run their own Python, which reads their attributes anew). In-place updates
+    of values (optimizer steps, load_state_dict) change nothing."""
 
-    def __init__(self, model):
+    def __init__(self, model, traced=()):
         tops = model if isinstance(model, (list, tuple)) else [model]
         mods = [m for top in tops if isinstance(top, nn.Module) for m in top.modules()]
         self._tops = list(tops)
         self._dicts = [d for m in mods for d in (m._parameters, m._buffers, m._modules)]
         self._params = [p for m in mods for p in m._parameters.values() if p is not None]
-        self._settings = [(m.__dict__, k) for m in mods
+        traced = set(map(id, traced))
+        self._settings = [(m.__dict__, k) for m in mods if type(m).__module__.startswith("torch.") or id(m) in traced
                           for k, v in m.__dict__.items() if not k.startswith("_") and _is_setting(v)]
         self._mods = mods
         self._seen = self._read()
@@ -115,7 +114,9 @@ class _Tracer(fx.Tracer):
         self.opaque_ids = opaque_ids
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return id(m) in self.opaque_ids or is_opaque(m) or super().is_leaf_module(m, qualname)
+        from .registry import entry_for  # registered module types are ops, never traced into
+        return id(m) in self.opaque_ids or is_opaque(m) or super().is_leaf_module(m, qualname) or \
+            entry_for("call_module", None, m).kind != "probed"
 
 
 def _defaults(module: nn.Module) -> dict:
@@ -219,7 +220,11 @@ def trace(model: nn.Module) -> Traced:
             if _is_meta(n, meta):
                 meta.add(n)
     order = [n for n in nodes if n in state]  # x first
-    return Traced(graph, x, out, order, meta)
+    t = Traced(graph, x, out, order, meta)
+    leaves = {n.target for n in nodes if n.op == "call_module"}
+    t.through = [m for name, m in model.named_modules()  # the root and containers fx ran the code of
+                 if not any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)]
+    return t
 
 
 def stages_of(model: nn.Module) -> Stages:

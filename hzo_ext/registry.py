@@ -17,8 +17,9 @@ made of it is probed:
 
 ``register_elementwise(op, code=None)`` adds an elementwise op: the engine then probes it
 with one colored probe and the SPP footprints treat it as elementwise.
-The tables of calls (``ELEMENTWISE_CALLS``, ``SUMS``, ``ARITHMETIC``) are also what the SPP
-footprints (``hzo_ext.spp``) and the C++ lowering (``hzo_ext.executor``) read.
+The stage-wise engines read the same knowledge: SPP footprints (``hzo_ext.spp``) treat the
+elementwise modules and calls here as elementwise, and the C++ lowering (``hzo_ext.executor``)
+reads the tables of calls (``ELEMENTWISE_CALLS``, ``SUMS``, ``ARITHMETIC``).
 """
 from __future__ import annotations
 

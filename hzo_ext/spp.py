@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import _torch_impl, ops
-from .graph import ARITHMETIC, ELEMENTWISE_CALLS
+from . import _torch_impl, ops, registry
+from .registry import ARITHMETIC, ELEMENTWISE_CALLS
 from .stages import BlackBox, ResidualBlock
 
 __all__ = ["Footprint", "NoFootprint", "footprint_of", "graph_footprint", "SpatialColoring", "DenseColoring",
@@ -147,8 +147,6 @@ def _same_sizes(a, b, what: str) -> None:
 
 # ---- module geometry ------------------------------------------------------------------------
 
-_ELEMENTWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU,
-                nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
@@ -191,6 +189,8 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
         raise NoFootprint(f"{where} (GraphStage)", "a traced piece inside a module")
     if mod._forward_hooks or mod._forward_pre_hooks:
         raise NoFootprint(f"{where} ({type(mod).__name__})", "it has forward hooks (they may change what it computes)")
+    if isinstance(mod, nn.Identity) or registry.entry_for("call_module", None, mod).kind == "elementwise":
+        return Footprint.identity(in_sizes)  # the registry's elementwise modules, registered ones included
     overridden = _overridden_methods(mod)
     if overridden:
         raise NoFootprint(f"{where} ({type(mod).__name__})", f"its class overrides {', '.join(overridden)} "
@@ -206,8 +206,6 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
         return skip.union(footprint_of(mod.module, in_sizes, f"{where}.module"))
     if isinstance(mod, BlackBox):  # non-differentiable, but its spatial structure is its module's
         return footprint_of(mod.module, in_sizes, f"{where}.module")
-    if isinstance(mod, _ELEMENTWISE):
-        return Footprint.identity(in_sizes)
     if isinstance(mod, nn.modules.dropout._DropoutNd) and (not mod.training or mod.p == 0):
         return Footprint.identity(in_sizes)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training and mod.running_mean is not None:

@@ -395,6 +395,8 @@ def test_lowering_follows_parameter_updates_replacements_and_hooks():
     check()
     calls = []
     handle = model[2].module[1].register_forward_hook(lambda *a: calls.append(1))
+    check()  # a new hook is a change: lowered and checked anew (the one-time checks call it too)
+    calls.clear()
     check()
     assert calls and est.last_stats.forward_calls == len(calls) // 2  # half came from the Python run
     handle.remove()

@@ -261,6 +261,29 @@ def test_a_registered_elementwise_op_is_probed_colored_and_checked():
         registry.ELEMENTWISE_CALLS.pop(quantise, None)
 
 
+class Staircase(nn.Module):  # a hardware nonlinearity given as a module
+    def forward(self, x):
+        return torch.round(x * 4) / 4
+
+
+def test_a_registered_elementwise_module_is_colored_by_spp_and_probed_as_elementwise():
+    from hzo_ext import spp
+    with pytest.raises(spp.NoFootprint):
+        spp.footprint_of(Staircase(), (5, 5))
+    registry.register_elementwise(Staircase)
+    try:
+        assert spp.footprint_of(Staircase(), (5, 5)).channelwise  # identity footprint
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), hzo_ext.opaque(Staircase()), nn.Flatten(),
+                              nn.Linear(48, 3))
+        hows = [s.how for s in hzo_ext.HZO(model, LOSS, eps=0.05).plan(torch.randn(2, 2, 4, 4)).splits]
+        assert "dense" in hows  # opaque: probed whole, never looked into
+        model[1] = Staircase()
+        hows = [s.how for s in hzo_ext.HZO(model, LOSS, eps=0.05).plan(torch.randn(2, 2, 4, 4)).splits]
+        assert "elementwise" in hows and "dense" not in hows
+    finally:
+        registry._MODULES.pop(Staircase, None)
+
+
 def test_memory_budget_refuses_before_running():
     model = residual_mlp(6, 8, 2, 4)
     x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
