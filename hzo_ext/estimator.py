@@ -810,8 +810,16 @@ class HZO(StageEstimator):
             first = self.check_samples and key not in self._dynamic_checked
             if first:  # before the clean forward, so its memory is free again when that runs
                 with torch.no_grad():
-                    clean, _ = prog.forward(x.clone(), keep_vjp=False)
-                    prog.check_samples(x, clean)
+                    # on the first samples only (4 or fewer): the copies stacked before and after
+                    # them find coupling at any batch size, and memory stays that of a few samples
+                    few = x[:4].clone()
+                    try:
+                        clean = prog.forward(few.clone(), keep_vjp=False)[0]
+                    except ValueError as exc:
+                        raise ValueError(f"the model depends on the batch size: it fails on {few.shape[0]} of the "
+                                         f"batch's samples alone ({exc}); the probes stack copies of the batch, so "
+                                         f"every op must treat samples independently") from exc
+                    prog.check_samples(few, clean)
                     del clean
                     model = self.model if isinstance(self.model, nn.Module) else nn.Sequential(*self.model)
                     model_out = model(x.clone())  # the model's own forward, not a trace of it
