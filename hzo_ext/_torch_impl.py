@@ -256,8 +256,8 @@ def check_probe_elementwise(z, target, eps, act) -> None:
         raise ValueError(f"{op}: target must have the shape of z, {list(z.shape)}, got shape {list(target.shape)}")
 
 
-def check_probe_linear(z, weight, target, eps, act) -> None:
-    op = "hzo_ext::probe_linear"
+def _check_weighted_probe(z, weight, target, eps, act, op: str) -> None:
+    """The checks shared by probe_linear and probe_conv2d."""
     _check_device(weight, z, op, "weight", "z")
     _check_device(target, z, op, "target", "z")
     _check_eps(eps, op)
@@ -265,6 +265,11 @@ def check_probe_linear(z, weight, target, eps, act) -> None:
     _check_floating(z, op, "z")
     _check_same_dtype(weight, z, op, "weight")
     _check_same_dtype(target, z, op, "target")
+
+
+def check_probe_linear(z, weight, target, eps, act) -> None:
+    op = "hzo_ext::probe_linear"
+    _check_weighted_probe(z, weight, target, eps, act, op)
     if z.dim() != 2:
         raise ValueError(f"{op}: z must be [B, Q], got shape {list(z.shape)}")
     if weight.dim() != 2 or weight.shape[0] != z.shape[1]:
@@ -294,13 +299,7 @@ def probe_linear(z, weight, target, eps, act, alpha, beta):
 
 def check_probe_conv2d(z, weight, target, in_size, stride, padding, dilation, groups, eps, act) -> None:
     op = "hzo_ext::probe_conv2d"
-    _check_device(weight, z, op, "weight", "z")
-    _check_device(target, z, op, "target", "z")
-    _check_eps(eps, op)
-    _check_act(act, op)
-    _check_floating(z, op, "z")
-    _check_same_dtype(weight, z, op, "weight")
-    _check_same_dtype(target, z, op, "target")
+    _check_weighted_probe(z, weight, target, eps, act, op)
     if z.dim() != 4:
         raise ValueError(f"{op}: z must be [B, Cout, Ho, Wo], got shape {list(z.shape)}")
     if target.shape != z.shape:

@@ -204,9 +204,9 @@ void check_probe_elementwise_args(const at::Tensor& z, const at::Tensor& target,
                     ", got shape ", target.sizes());
 }
 
-void check_probe_linear_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target, double eps,
-                             int64_t act) {
-  const char* op = "hzo_ext::probe_linear";
+// The checks shared by the fused probes of a layer with a weight (probe_linear, probe_conv2d).
+static void check_weighted_probe(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target, double eps,
+                                 int64_t act, const char* op) {
   check_device(weight, z, op, "weight", "z");
   check_device(target, z, op, "target", "z");
   check_eps(eps, op);
@@ -214,6 +214,12 @@ void check_probe_linear_args(const at::Tensor& z, const at::Tensor& weight, cons
   check_floating(z, op, "z");
   check_same_dtype(weight, z, op, "weight");
   check_same_dtype(target, z, op, "target");
+}
+
+void check_probe_linear_args(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& target, double eps,
+                             int64_t act) {
+  const char* op = "hzo_ext::probe_linear";
+  check_weighted_probe(z, weight, target, eps, act, op);
   TORCH_CHECK_VALUE(z.dim() == 2, op, ": z must be [B, Q], got shape ", z.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == z.size(1), op, ": weight must be [Q, K] with Q = ",
                     z.size(1), ", got shape ", weight.sizes());
@@ -225,13 +231,7 @@ ConvGeometry check_probe_conv2d_args(const at::Tensor& z, const at::Tensor& weig
                                      at::IntArrayRef in_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, int64_t groups, double eps, int64_t act) {
   const char* op = "hzo_ext::probe_conv2d";
-  check_device(weight, z, op, "weight", "z");
-  check_device(target, z, op, "target", "z");
-  check_eps(eps, op);
-  check_act(act, op);
-  check_floating(z, op, "z");
-  check_same_dtype(weight, z, op, "weight");
-  check_same_dtype(target, z, op, "target");
+  check_weighted_probe(z, weight, target, eps, act, op);
   TORCH_CHECK_VALUE(z.dim() == 4, op, ": z must be [B, Cout, Ho, Wo], got shape ", z.sizes());
   TORCH_CHECK_VALUE(target.sizes() == z.sizes(), op, ": target must have the shape of z, ", z.sizes(),
                     ", got shape ", target.sizes());
