@@ -554,8 +554,7 @@ class HZO(StageEstimator):
         self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
         self._barriers: dict = {}  # activation shapes -> the barrier stages (_split_policy)
         self._spp_warned: set = set()
-        self._op_plans: dict = {}  # (shape, dtype, device) of x -> the op-level plan (memory checked)
-        self._op_chunks: dict = {}  # probed op's node -> probes per batched query (from the budget)
+        self._op_plans: dict = {}  # (shape, dtype, device) of x -> (op-level plan, probed op -> chunk size)
         self._executor_args = (executor, fast)
         self._select_engine()
 
@@ -576,15 +575,17 @@ class HZO(StageEstimator):
                 except opengine.Unsupported as exc:
                     why = str(exc)
             self.engine_reason = why
-        self._cpp = None if self._ops is not None else cpp_executor.select(self, executor, fast)
-        self.engine = "ops" if self._ops is not None else "stages"
-        self.executor = "python" if self._cpp is None else "cpp"
+        self._set_engine()
 
     def _fall_back(self, why: str) -> None:
         """The op-level engine met something it does not run: the stage-wise engines from now on."""
         self._ops, self.engine_reason = None, why
-        self._cpp = cpp_executor.select(self, *self._executor_args)
-        self.engine = "stages"
+        self._set_engine()
+
+    def _set_engine(self) -> None:
+        """engine/executor from ``_ops``: the op-level engine, else the stage-wise C++ or Python one."""
+        self._cpp = None if self._ops is not None else cpp_executor.select(self, *self._executor_args)
+        self.engine = "ops" if self._ops is not None else "stages"
         self.executor = "python" if self._cpp is None else "cpp"
 
     def _restaged(self) -> None:
@@ -654,7 +655,7 @@ class HZO(StageEstimator):
         check_batch(x, None, self.stages)
         if self._ops is not None:
             try:
-                return self._ops_plan(x)
+                return self._ops_plan(x)[0]
             except opengine.Unsupported as exc:
                 self._fall_back(str(exc))
         a, shapes = x.clone(), [tuple(x.shape[1:])]  # a copy: in-place ops must not write x
@@ -735,8 +736,9 @@ class HZO(StageEstimator):
             self._colorings[key] = chosen
         return self._colorings[key]
 
-    def _ops_plan(self, x: torch.Tensor) -> Plan:
-        """The op-level plan: one split per op, top down, from a clean forward of one sample."""
+    def _ops_plan(self, x: torch.Tensor) -> tuple[Plan, dict]:
+        """The op-level plan (one split per op, top down, from a clean forward of one sample) and
+        each probed op's chunk size (probes per batched query, from the memory budget)."""
         prog = self._ops
         try:
             env, _ = prog.forward(x[:1].clone(), keep_vjp=False)
@@ -758,7 +760,7 @@ class HZO(StageEstimator):
                 if a is not prog.traced.x and shapes[pos[a]] is not None:
                     last_read[a] = max(last_read.get(a, 0), s.index)
         budget = self.memory_budget or opengine.default_memory_budget(x.device)
-        splits, names, self._op_chunks = [], [], {}
+        splits, names, chunk_of = [], [], {}
         for k, s in enumerate(reversed(steps)):
             n_out = size(s.node)
             ins = [a for a in s.inputs if a is not prog.traced.x and shapes[pos[a]] is not None]
@@ -779,7 +781,7 @@ class HZO(StageEstimator):
                 c = K if self.chunk_size is None else min(K, self.chunk_size)
                 if self.chunk_size is None:  # the chunk follows from the memory budget
                     c = max(1, min(K, (budget - stored - targets - 2 * B * item * n_in) // per_probe))
-                self._op_chunks[s.node] = c
+                chunk_of[s.node] = c
                 chunks = -(-K // c)
                 peak = targets + c * per_probe + 2 * B * item * n_in
             queries = 2 * (n_in if how == "folded" else probes)
@@ -796,7 +798,7 @@ class HZO(StageEstimator):
                               f"(stored values {stored * gib:.2f} GiB + the largest split "
                               f"{plan.peak_query_bytes * gib:.2f} GiB) beyond the model, over the memory budget of "
                               f"{budget * gib:.2f} GiB; lower the batch size, pass chunk_size, or raise memory_budget")
-        return plan
+        return plan, chunk_of
 
     def _backward_ops(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -804,8 +806,7 @@ class HZO(StageEstimator):
             self._prepare(x, y)
             key = (tuple(x.shape), x.dtype, x.device)
             if key not in self._op_plans:  # refuses a plan over the memory budget before anything runs
-                self._op_plans[key] = (self._ops_plan(x), self._op_chunks)
-            self._op_chunks = self._op_plans[key][1]
+                self._op_plans[key] = self._ops_plan(x)
             prog = self._ops
             first = self.check_samples and key not in self._dynamic_checked
             if first:  # before the clean forward, so its memory is free again when that runs
@@ -844,6 +845,6 @@ class HZO(StageEstimator):
                 numerics.check_step_at(self._step(a), amax, dtype, what, warned=self._step_warnings)
             with nvtx_range("hzo/head"), torch.no_grad():
                 delta = self._loss_head(logits, y)
-            opengine.OpRun(self, prog).targets(env, local, delta)
+            opengine.OpRun(self, prog, self._op_plans[key][1]).targets(env, local, delta)
         self.last_stats.seconds = time.perf_counter() - t0
         return loss.detach()

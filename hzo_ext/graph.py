@@ -178,10 +178,11 @@ def _is_meta(node: fx.Node, meta: set) -> bool:
 class Traced:
     """A model's graph with its one input ``x`` and output ``out``; ``order``: the nodes whose
     value depends on x (x first), in topological order; ``meta``: those of them that are sizes
-    or other non-tensors."""
+    or other non-tensors; ``through``: the modules whose Python fx ran (the root and containers,
+    not the leaves it recorded as calls)."""
 
-    def __init__(self, graph: fx.Graph, x: fx.Node, out: fx.Node, order: list, meta: set):
-        self.graph, self.x, self.out, self.order, self.meta = graph, x, out, order, meta
+    def __init__(self, graph: fx.Graph, x: fx.Node, out: fx.Node, order: list, meta: set, through: list):
+        self.graph, self.x, self.out, self.order, self.meta, self.through = graph, x, out, order, meta, through
 
 
 def trace(model: nn.Module) -> Traced:
@@ -220,11 +221,10 @@ def trace(model: nn.Module) -> Traced:
             if _is_meta(n, meta):
                 meta.add(n)
     order = [n for n in nodes if n in state]  # x first
-    t = Traced(graph, x, out, order, meta)
     leaves = {n.target for n in nodes if n.op == "call_module"}
-    t.through = [m for name, m in model.named_modules()  # the root and containers fx ran the code of
-                 if not any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)]
-    return t
+    through = [m for name, m in model.named_modules()
+               if not any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)]
+    return Traced(graph, x, out, order, meta, through)
 
 
 def stages_of(model: nn.Module) -> Stages:

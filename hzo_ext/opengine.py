@@ -33,17 +33,10 @@ import torch
 from torch import fx, nn
 
 from . import graph, ops
-from .registry import OpEntry, entry_for
+from .registry import OpEntry, entry_for, is_view
 from .stages import BlackBox, changed_rows, stacked_variants
 
 __all__ = ["OpProgram", "Unsupported"]
-
-# Ops whose output shares its input's storage (no memory of their own in the plan's prediction).
-_VIEWS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "expand_as",
-          operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
-          torch.unsqueeze}
-_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
-
 
 def default_memory_budget(device) -> int:
     """Half of the device's memory (the host's RAM for CPU tensors)."""
@@ -179,11 +172,11 @@ class OpProgram:
             if n.op == "placeholder":
                 env[n] = x
             elif n.op == "get_attr":
-                env[n] = _fetch(self.model, n.target)
+                env[n] = operator.attrgetter(n.target)(self.model)
             elif n.op == "output":
                 continue
-            elif n not in steps:  # a constant (parameters only) or a size: no target, no probe
-                with torch.set_grad_enabled(keep_vjp and n not in self.state):
+            elif n not in steps:  # a constant (from parameters only): kept on autograd for the leaves
+                with torch.set_grad_enabled(keep_vjp):
                     args, kwargs = self._args(n, env)
                     env[n] = self._call(n, args, kwargs)
             else:
@@ -252,12 +245,6 @@ class OpProgram:
         return [shape(env[self.traced.x])] + [shape(env[s.node]) for s in self.steps]
 
 
-def _fetch(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 def _pairs(out, t) -> list:
     """(output tensor, its target) for the outputs autograd can differentiate."""
@@ -303,26 +290,24 @@ def fused_elementwise(step: OpStep, spp) -> bool:
 
 
 def view_like(step: OpStep) -> bool:
-    if step.module is not None:
-        return isinstance(step.module, _VIEW_MODULES)
-    try:
-        return step.node.target in _VIEWS
-    except TypeError:
-        return False
+    return is_view(step.node.op, step.node.target, step.module)
 
 
 class OpRun:
     """One estimate of the op-level engine for the estimator ``est`` (an HZO)."""
 
-    def __init__(self, est, program: OpProgram):
-        self.est, self.p = est, program
+    def __init__(self, est, program: OpProgram, chunks: dict):
+        self.est, self.p, self.chunks = est, program, chunks  # chunks: probed op's node -> chunk size
         self.stats = est.last_stats
         self._qmodules: dict = {}
+        self._leaves: list = []  # (parameters, their gradients), written to p.grad once all is finite
 
     def targets(self, env, local, delta_out: torch.Tensor) -> None:
-        """Walk the ops from the output back, probing each and accumulating p.grad."""
+        """Walk the ops from the output back, probing each; then accumulate p.grad (only when
+        every target is finite)."""
         p, est = self.p, self.est
         targets = {p.traced.out: delta_out}
+        finite = []  # (op, input, all finite?) flags, read once at the end: no device sync per op
         for s in reversed(p.steps):
             t = targets.pop(s.node, None)
             if t is None:
@@ -340,15 +325,19 @@ class OpRun:
                 got = [(a, None, self._probe(s, env, a, t)) for a in wanted]
                 self._probed_leaf(s, env, local.pop(s.node, None), t)
             for a, i, g in got:  # a's target gains g (element i of a tuple-valued a)
-                if not torch.isfinite(g).all():
-                    raise ValueError(f"non-finite value (inf/nan) in a query: op {s.index} ({s.label}) probed with "
-                                     f"+-eps on its input {a.name}; lower eps or check the model (overflow)")
+                finite.append((s, a, torch.isfinite(g).all()))
                 if i is None:
                     targets[a] = g if a not in targets else targets[a] + g
                 else:
                     cur = targets.setdefault(a, [None] * len(env[a]))
                     cur[i] = g if cur[i] is None else cur[i] + g
             self.stats.splits += 1
+        if finite and not bool(torch.stack([f for _, _, f in finite]).all()):
+            s, a, _ = next(x for x in finite if not bool(x[2]))  # the op nearest the output
+            raise ValueError(f"non-finite value (inf/nan) in a query: op {s.index} ({s.label}) probed with "
+                             f"+-eps on its input {a.name}; lower eps or check the model (overflow)")
+        for params, grads in self._leaves:  # p.grad untouched when anything above raised
+            self.est._accumulate(params, grads)
 
     def _count(self, probes: int, queries: int) -> None:
         self.stats.probes += probes
@@ -368,7 +357,7 @@ class OpRun:
         # op's own saved tensors go with its output, dropped after this call
         grads = torch.autograd.grad([o for o, _ in pairs], inputs, [ti.to(o.dtype) for o, ti in pairs],
                                     allow_unused=True, retain_graph=True)
-        self.est._accumulate(s.params, grads[len(flat):])
+        self._leaves.append((s.params, grads[len(flat):]))
         n_in = sum(math.prod(leaf.shape[1:]) for _, _, leaf in flat)
         self._count(n_in, 2 * n_in)  # what a dense probe would query; the fold needs none
         return [(a, i, g) for (a, i, _), g in zip(flat, grads[:len(flat)]) if g is not None]
@@ -422,7 +411,7 @@ class OpRun:
             return torch.cat([o.reshape(o.shape[0], -1) for o in _tensors(y)], 1)
 
         coloring = est._op_coloring(s, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
-        chunk = est._op_chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)
+        chunk = self.chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)
         delta = probe_targets(run_right, a_q, tq, eps, chunk, coloring, what=s.label, nvtx=f"hzo/op{s.index}")
         self._count(coloring.num_colors, 2 * coloring.num_colors)
         return delta
@@ -438,4 +427,4 @@ class OpRun:
             pairs = _pairs(saved[0], t)
             grads = torch.autograd.grad([o for o, _ in pairs], list(s.params), [ti.to(o.dtype) for o, ti in pairs],
                                         allow_unused=True, retain_graph=True) if pairs else [None] * len(s.params)
-        self.est._accumulate(s.params, grads)
+        self._leaves.append((s.params, grads))

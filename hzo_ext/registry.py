@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "ACT_CODES", "entry_for", "register_elementwise"]
+__all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "ACT_CODES", "entry_for", "is_view",
+           "register_elementwise"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6,
@@ -110,6 +111,22 @@ for _c in (operator.add, operator.iadd, operator.sub, operator.isub, operator.ne
 for _c in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
     _CALLS[_c] = OpEntry("affine", affine_args=(0,))  # a / b is affine in a only
 _PROBED = OpEntry("probed")
+
+# Ops whose output shares its input's storage (no memory of their own in the plan's prediction).
+_VIEW_CALLS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "expand_as",
+               operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+               torch.unsqueeze}
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+def is_view(op: str, target, module: nn.Module | None) -> bool:
+    """The op returns a view of its input (for memory predictions)."""
+    if op == "call_module":
+        return isinstance(module, _VIEW_MODULES)
+    try:
+        return target in _VIEW_CALLS
+    except TypeError:  # unhashable target
+        return False
 
 
 def register_elementwise(op, code: int | str | None = None) -> None:

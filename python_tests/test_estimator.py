@@ -311,9 +311,11 @@ def test_non_finite_query_names_stage_and_split():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     # an opaque Blowup is probed whole: a_1 + 0.5 overflows, named by op
     model = nn.Sequential(model[0], hzo_ext.opaque(Blowup()), model[3])
+    model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match=r"non-finite value \(inf/nan\) in a query: op 2 \(1: Blowup\)"), \
             pytest.warns(UserWarning, match="truncation dominates"):
         hzo_ext.HZO(model, CE(), eps=0.5).backward(x, y)
+    assert all(p.grad is None for p in model.parameters())  # nothing written before the error
 
 
 # ---- training: HZO tracks backprop on digits ---------------------------------------------------
