@@ -16,7 +16,7 @@ import torch.utils.benchmark as tbench
 
 import hzo_ext
 from hzo_ext import _torch_impl, ops
-from hzo_ext.results import write_csv
+from hzo_ext.apps.results import write_csv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -174,7 +174,7 @@ def main(argv=None) -> None:
                          fd_layer_evals_per_rank=ests[0][0]["fd_layer_evals"], cpu_ms=round(cpu * 1e3, 2),
                          speedup_if_dedicated_cores=round(base_cpu / (cpu / threads), 3), cpu_share=round(share, 2),
                          load_1min=round(statistics.median(r["load"] for est in ests for r in est), 2)))
-    from hzo_ext.results import write_csv
+    from hzo_ext.apps.results import write_csv
     out = write_csv(a.out, rows)
     plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")

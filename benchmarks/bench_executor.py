@@ -51,7 +51,7 @@ from torch import nn
 
 import hzo_ext
 from hzo_ext.models import deep_mlp
-from hzo_ext.results import write_csv
+from hzo_ext.apps.results import write_csv
 
 SHAPES = [(64, 16, 8), (32, 128, 32)]  # (depth, width, batch)
 # Activations of the depth-64 residual chain grow to 1e5, where float32's spacing is 0.01: eps 1e-3

@@ -27,7 +27,7 @@ from torch import nn
 
 import hzo_ext
 from hzo_ext.models import digits_cnn, resnet20_cifar
-from hzo_ext.results import write_csv
+from hzo_ext.apps.results import write_csv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

@@ -108,7 +108,7 @@ def main() -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return
     sys.path.insert(0, str(ROOT))
-    from hzo_ext.results import write_csv
+    from hzo_ext.apps.results import write_csv
     rows = []
     for num_samples in (1, 2):
         for method in ("copying", "in place"):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import hzo_ext
 from hzo_ext.models import DeepZeroResNet, resnet20_cifar
-from hzo_ext.results import write_csv
+from hzo_ext.apps.results import write_csv
 
 OUT = Path(__file__).parent / "results" / "traced_resnet20"
 

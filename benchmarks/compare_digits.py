@@ -4,7 +4,7 @@
 
 Every method trains its own copy of the same model from the same initial weights: the residual MLP
 of ``hzo-ext train`` (``hzo_ext.models.residual_mlp``, width 64, 4 residual blocks: 6 stages,
-21,066 parameters) on scikit-learn's digits (``hzo_ext.data.load_digits``), Adam lr 3e-3, batch 32,
+21,066 parameters) on scikit-learn's digits (``hzo_ext.apps.data.load_digits``), Adam lr 3e-3, batch 32,
 the same batches in the same order, ``--steps`` steps. The methods are interleaved step by step
 in one process (each step runs every method once, in turn), so a change of load on the shared
 machine hits all alike. seconds = the estimator's own time (``backward``, not the optimiser
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hzo_ext  # noqa: E402
-from hzo_ext.data import load_digits  # noqa: E402
+from hzo_ext.apps.data import load_digits  # noqa: E402
 from hzo_ext.models import residual_mlp  # noqa: E402
-from hzo_ext.results import write_csv  # noqa: E402
+from hzo_ext.apps.results import write_csv  # noqa: E402
 
 METHODS = {  # label -> estimator factory (model, loss_fn)
     "backprop": lambda m, lf: hzo_ext.Backprop(m, lf),

@@ -29,8 +29,8 @@ def main() -> int:
     ap.add_argument("--last", type=int, default=5, help="epochs the compared accuracy is averaged over")
     ap.add_argument("--out", default="runs/digits_cnn")
     args = ap.parse_args()
-    from hzo_ext.results import write_csv
-    from hzo_ext.train import TrainConfig, train
+    from hzo_ext.apps.results import write_csv
+    from hzo_ext.apps.train import TrainConfig, train
 
     rows = []
     for estimator in ("hzo", "bp"):

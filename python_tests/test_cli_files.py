@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hzo_ext.cli import main
+from hzo_ext.apps.cli import main
 
 TINY = ["--estimator", "bp", "--width", "16", "--depth", "2", "--batch-size", "256", "--cosine-every", "1000"]
 
@@ -144,7 +144,7 @@ def cifar(tmp_path):
 
 
 def test_fake_cifar_batches_load(cifar):
-    from hzo_ext.data import load_cifar10
+    from hzo_ext.apps.data import load_cifar10
     data = load_cifar10(str(cifar))
     assert data.x_train.shape == (10, 3, 32, 32) and data.x_test.shape == (2, 3, 32, 32)
     assert data.y_train.tolist() == [1, 7] * 5
@@ -186,7 +186,7 @@ def test_read_only_out_is_refused(tmp_path, capsys):
 
 def test_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsys):
     """Two processes: a run in a child holds the folder; this process's run is refused."""
-    from hzo_ext.train import TrainConfig, run_folder
+    from hzo_ext.apps.train import TrainConfig, run_folder
     out = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-m", "hzo_ext", "train", "--out", out, *TINY, "--epochs", "1000"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -153,7 +153,7 @@ def test_arguments_without_a_group():
     (dict(distributed="ddp"), "unknown --distributed 'ddp'"),
 ])
 def test_train_distributed_options(monkeypatch, options, words):
-    from hzo_ext.train import TrainConfig, validate
+    from hzo_ext.apps.train import TrainConfig, validate
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match=words):
         validate(TrainConfig(out="unused", **options))
@@ -162,7 +162,7 @@ def test_train_distributed_options(monkeypatch, options, words):
 def test_torchrun_train_dp_then_resume_qp_matches_one_process(tmp_path):
     """2 processes: epoch 1 data-parallel, killed-run style resume for epoch 2 query-parallel;
     the same weights as one process for 2 epochs (float32 training: finite-difference round-off)."""
-    from hzo_ext.train import TrainConfig, train
+    from hzo_ext.apps.train import TrainConfig, train
     small = ["--width", "12", "--depth", "2", "--batch-size", "100", "--cosine-every", "10"]
     out = str(tmp_path / "dist")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),

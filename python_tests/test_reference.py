@@ -106,3 +106,18 @@ def test_engines_agree_with_the_reference_on_sequential_models(name):
             ref = reference.grads(reference.op_stages(model), loss, x, y, eps=1e-3, split="chain")
         got = {p: p.grad for p in model.parameters() if p.requires_grad}
         assert _max_rel(got, ref) <= 1e-10, kw
+
+
+def test_the_library_never_imports_the_applications():
+    """hzo_ext and every library module import without hzo_ext.apps (the CLI, training, studies)."""
+    import pathlib
+    import subprocess
+    import sys
+    lib = sorted(p.stem for p in pathlib.Path(hzo_ext.__file__).parent.glob("*.py")
+                 if p.stem not in ("__init__", "__main__"))
+    assert {"estimator", "opengine", "registry", "graph", "reference"} <= set(lib)
+    code = ("import importlib, sys\n"
+            f"for m in {lib!r}: importlib.import_module('hzo_ext.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('hzo_ext.apps')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

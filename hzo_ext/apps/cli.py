@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
-            from .info import format_info
+            from ..info import format_info
             print(format_info())
             return 0
         if args.command == "bench":

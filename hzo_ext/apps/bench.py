@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import hzo_ext
-from hzo_ext.results import write_csv
+from .results import write_csv
 
 METHODS = {
     "hzo-bisect": lambda m, lf: hzo_ext.HZO(m, lf, split="bisect"),

@@ -34,12 +34,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed as hzo_dist
-from .baselines import CGE, SPSA, Backprop
+from .. import distributed as hzo_dist
+from ..baselines import CGE, SPSA, Backprop
 from .data import load_cifar10, load_digits
-from .estimator import HZO
-from .metrics import grads_of, per_layer_cosine
-from .models import digits_cnn, residual_mlp, resnet20_cifar
+from ..estimator import HZO
+from ..metrics import grads_of, per_layer_cosine
+from ..models import digits_cnn, residual_mlp, resnet20_cifar
 from .results import write_csv
 
 ESTIMATORS = ("hzo", "cge", "spsa", "bp")

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .estimator import HZO
-from .metrics import grads_of, per_layer_cosine, reference_grads
-from .models import deep_mlp
+from ..estimator import HZO
+from ..metrics import grads_of, per_layer_cosine, reference_grads
+from ..models import deep_mlp
 from .results import write_csv
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
