@@ -52,7 +52,8 @@ class EstimateStats:
 
     fd_layer_evals: queries, one stage applied to one perturbed copy of the batch.
     probes: +-eps pairs on activations (splits, CGE layers, SPSA directions); loss head excluded.
-    forward_calls: stage invocations from Python (clean forward, batched queries, black-box leaves).
+    forward_calls: stage invocations from Python (clean forward, batched queries, black-box leaves;
+        with the C++ executors: their calls into Python, for what they do not run themselves).
     loss_evals: per-sample-loss evaluations of one (perturbed) copy of the batch.
     blackbox_evals: black-box stage runs on perturbed parameter copies (zeroth-order leaves).
     With a process_group the counts are this rank's; comm_seconds: waiting in collectives
@@ -555,6 +556,8 @@ class HZO(StageEstimator):
         self._barriers: dict = {}  # activation shapes -> the barrier stages (_split_policy)
         self._spp_warned: set = set()
         self._op_plans: dict = {}  # (shape, dtype, device) of x -> (op-level plan, probed op -> chunk size)
+        self._op_cores: dict = {}  # (shape, dtype, device) of x -> executor.CppOps, or None (Python)
+        self.executor_reason = None  # why the op-level engine ran in Python (None: it ran in C++)
         self._executor_args = (executor, fast)
         self._select_engine()
 
@@ -587,12 +590,16 @@ class HZO(StageEstimator):
         self._cpp = None if self._ops is not None else cpp_executor.select(self, *self._executor_args)
         self.engine = "ops" if self._ops is not None else "stages"
         self.executor = "python" if self._cpp is None else "cpp"
+        if self._ops is not None and self._executor_args[0] != "python" \
+                and cpp_executor.ops_unsupported(self, self._ops) is None:
+            self.executor = "cpp"  # unless the input's dtype or an op's outputs rule it out (executor_reason)
 
     def _restaged(self) -> None:
         super()._restaged()
         self._colorings.clear()
         self._barriers.clear()
         self._op_plans.clear()
+        self._op_cores.clear()
         self._select_engine()  # traced and lowered anew, or refused
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
@@ -824,7 +831,13 @@ class HZO(StageEstimator):
                     del clean
                     model = self.model if isinstance(self.model, nn.Module) else nn.Sequential(*self.model)
                     model_out = model(x.clone())  # the model's own forward, not a trace of it
-            env, local = prog.forward(x)
+            cpp = self._op_cores.get(key, ())
+            if cpp == ():  # lowered once per input shape (None: the Python engine runs it)
+                cpp, self.executor_reason = cpp_executor.CppOps.build(self, prog, x, self._op_plans[key][1]) \
+                    if self._executor_args[0] != "python" else (None, "executor='python'")
+                self._op_cores[key] = cpp
+            self.executor = "python" if cpp is None else "cpp"
+            env, local = prog.forward(x) if cpp is None else (cpp.forward(x), None)
             logits = env[prog.traced.out]
             _check_finite(logits, "the model's output in the clean forward")
             self.last_stats.forward_calls += 1
@@ -845,6 +858,16 @@ class HZO(StageEstimator):
                 numerics.check_step_at(self._step(a), amax, dtype, what, warned=self._step_warnings)
             with nvtx_range("hzo/head"), torch.no_grad():
                 delta = self._loss_head(logits, y)
-            opengine.OpRun(self, prog, self._op_plans[key][1]).targets(env, local, delta)
+            if cpp is not None:
+                out = cpp.targets(self, delta)
+                if out["failure"] >= 0:  # the Python engine names the op and input (and raises)
+                    env, local = prog.forward(x)
+                    opengine.OpRun(self, prog, self._op_plans[key][1]).targets(env, local, delta)
+                    raise ValueError(f"non-finite value (inf/nan) in a query of op {out['failure'] + 1}")
+                for k in ("probes", "fd_layer_evals", "splits"):
+                    setattr(self.last_stats, k, getattr(self.last_stats, k) + out[k])
+                self.last_stats.forward_calls = out["python_calls"]  # as the stage-wise C++ executor counts
+            else:
+                opengine.OpRun(self, prog, self._op_plans[key][1]).targets(env, local, delta)
         self.last_stats.seconds = time.perf_counter() - t0
         return loss.detach()

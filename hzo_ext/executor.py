@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import _ext
-from .registry import ELEMENTWISE_CALLS, SUMS
+from .registry import SUMS, module_for_call
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
 __all__ = ["unsupported_option", "select", "CppExecutor", "lower"]
@@ -151,12 +151,9 @@ def _writes_input(n: fx.Node) -> bool:
 
 
 def _function_module(n: fx.Node) -> nn.Module | None:
-    """The module whose forward is the call n on its first argument (extra arguments: only
-    GELU's approximate and the in-place flags, which lowering ignores), or None."""
-    cls = ELEMENTWISE_CALLS.get(n.target) if n.op in ("call_function", "call_method") else None
-    if cls is None or len(n.args) != 1 or set(n.kwargs) - {"inplace", "approximate"}:
-        return None
-    return cls(approximate=n.kwargs.get("approximate", "none")) if cls is nn.GELU else cls()
+    """The module whose forward is the call n on its first argument (``registry.module_for_call``),
+    or None."""
+    return module_for_call(n.target, n.args, n.kwargs) if n.op in ("call_function", "call_method") else None
 
 
 def _lower_piece(stage, callback, watch: list, python: list):
@@ -486,3 +483,131 @@ class CppExecutor:
         if kind == "mse":
             return y.dtype == logits.dtype and y.shape == logits.shape
         return False
+
+
+# ---- the op-level engine in C++ (the default engine's estimates) ----------------------------------
+
+def ops_unsupported(est, program) -> str | None:
+    """Why the C++ op-level engine cannot run ``program`` for ``est`` (naming the op), or None;
+    the Python op-level engine runs it then."""
+    if not _ext.has_extension():
+        return f"the compiled extension is not loaded ({_ext.load_error})"
+    if est.query_dtype is not None:
+        return f"query_dtype={est.query_dtype} is not supported by the C++ executor"
+    for s in program.steps:
+        if isinstance(s.module, BlackBox):
+            return f"op {s.index} ({s.label}) is a BlackBox (zeroth-order leaves run in Python)"
+    return None
+
+
+class CppOps:
+    """The op-level engine's estimates in C++ (``_C.OpExecutor``, csrc/executor/op_executor.*) for
+    one input shape: every op of ``program`` lowered here (``_node``: the ATen op of a standard
+    module or elementwise function; a sum of two values; anything else a Python callback on the
+    op's tensor inputs, given copies), probed as the registry says (``opengine.OpRun`` is the
+    same algorithm in Python). ``build`` returns None, with the reason, where it cannot run."""
+
+    def __init__(self, core, program, slots: dict, consts: dict, fixed: dict):
+        self.core, self.program, self.slots, self.consts, self.fixed = core, program, slots, consts, fixed
+
+    @staticmethod
+    def build(est, program, x: torch.Tensor, chunks: dict):
+        """(CppOps or None, why not)."""
+        from . import _C
+        from .numerics import probe_dtype
+        from .opengine import fused_elementwise
+        from .spp import SpatialColoring
+        why = ops_unsupported(est, program)
+        if why is None and probe_dtype(x.dtype, est.query_dtype) is not None:
+            why = f"a {x.dtype} input is probed in float32 copies (Python)"
+        if why is not None:
+            return None, why
+        with torch.no_grad():  # what each op takes and gives, and the sizes (x.size(0)) for this shape
+            env, _ = program.forward(x.clone(), keep_vjp=False)
+        t = program.traced
+        # Sizes, and values computed from sizes only (torch.zeros(x.size(0), 5)): fixed for the shape.
+        fixed = {}
+        for s in program.steps:
+            if s.node in t.meta or all(a in fixed or a in t.meta for a in s.inputs):
+                fixed[s.node] = env[s.node]
+        if t.out in fixed:
+            return None, "the output depends on the input's shape only"
+        slots = {t.x: 0}
+        for s in program.steps:
+            if s.node not in fixed:
+                slots[s.node] = len(slots)
+        consts: dict = {}  # refreshed per estimate (parameters change between calls), plus `fixed`
+        steps = []
+        for s in program.steps:
+            n, out = s.node, env[s.node]
+            if n in fixed:
+                continue
+            if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+                return None, f"op {s.index} ({s.label}) gives a {type(out).__name__}, not a floating tensor"
+            inputs = [a for a in s.inputs if a not in fixed]
+            ins = [env[a] for a in inputs]
+            if not all(isinstance(v, torch.Tensor) for v in ins):
+                return None, f"op {s.index} ({s.label}) takes a tuple of tensors"
+            wants = [a is not t.x and v.is_floating_point() for a, v in zip(inputs, ins)]
+            mode, act, alpha, beta = "probed", 0, 0.0, 0.0
+            if s.entry.kind == "affine":
+                mode = "affine"
+            elif fused_elementwise(s, est.spp):
+                mode = "elementwise_call"
+                if s.entry.kernel is not None:
+                    mode = "elementwise"
+                    act, alpha, beta = s.entry.kernel(s.module)
+            node, call = None, None
+            total = n.target in SUMS and len(inputs) == 2 and len(n.args) == 2 and not n.kwargs \
+                and all(a in inputs for a in n.args)
+            if not total:
+                node, call = CppOps._lowered(program, s, inputs, consts)
+            probes = []
+            for a, v, w in zip(inputs, ins, wants):
+                if mode != "probed" or not w:
+                    probes.append((torch.zeros(0, dtype=torch.long, device=x.device), 0, 0, None))
+                    continue
+                coloring = est._op_coloring(s, tuple(v.shape[1:]), tuple(out.shape[1:]))
+                spp = None if not isinstance(coloring, SpatialColoring) else (
+                    coloring.colors(x.device), coloring.boxes(x.device), coloring.in_shape, coloring.geometry_out,
+                    coloring.channelwise)
+                probes.append((coloring.colors(x.device), coloring.num_colors, math.prod(v.shape[1:]), spp))
+            steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, slots[n], node, total, call, act,
+                                   alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
+                                   math.prod(out.shape[1:]), f"op {s.index} ({s.label})"))
+        core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")
+        return CppOps(core, program, slots, consts, fixed), None
+
+    @staticmethod
+    def _lowered(program, s, inputs: list, consts: dict):
+        """(ExecNode, None) for a standard module or a call ``registry.module_for_call`` knows on
+        one input, else (None, a Python callable running the op on copies of its tensor inputs)."""
+        n = s.node
+        if list(s.inputs) == inputs and len(inputs) == 1:
+            if n.op == "call_module" and n.args == (inputs[0],) and not n.kwargs:
+                return _node(s.module, lambda mod: mod, [], []), None
+            if (as_module := _function_module(n)) is not None and n.args[0] is inputs[0]:
+                return _native(as_module, None, [], []), None
+
+        def call(*tensors):
+            args, kwargs = program._args(n, consts, {a: v.clone() for a, v in zip(inputs, tensors)})
+            return program._call(n, args, kwargs)
+        return None, call
+
+    def forward(self, x: torch.Tensor) -> dict:
+        """The clean forward in C++: every op's value, by node."""
+        self.consts.clear()
+        self.consts.update(self.program.constants())
+        self.consts.update(self.fixed)
+        values = self.core.forward(x)
+        return {**self.fixed, **{n: values[k] for n, k in self.slots.items()}}
+
+    def targets(self, est, delta_out: torch.Tensor) -> dict:
+        """Every target and the leaves in C++; accumulates p.grad when all is finite. Returns the
+        C++ side's counts, or raises (the caller reruns the Python engine to name the op)."""
+        out = self.core.targets(delta_out)
+        self.core.release()
+        if out["failure"] < 0:
+            for p, g in out["grads"]:
+                est._accumulate([p], [g])
+        return out

@@ -166,41 +166,43 @@ class OpProgram:
         """The clean forward: every node's value (``env``) and, per affine op or op with trainable
         parameters, its output with a local autograd graph and the leaves standing for its
         x-dependent inputs (``local``)."""
-        env, local = {}, {}
-        steps = self._step_of
-        for n in self.traced.graph.nodes:
-            if n.op == "placeholder":
-                env[n] = x
-            elif n.op == "get_attr":
-                env[n] = operator.attrgetter(n.target)(self.model)
-            elif n.op == "output":
+        env, local = self.constants(keep_vjp), {}
+        env[self.traced.x] = x
+        for s in self.steps:
+            n = s.node
+            if s.entry.kind != "affine" and any(isinstance(env[a], (tuple, list)) for a in s.inputs):
+                raise Unsupported(f"{s.label} takes a tuple of tensors")
+            vjp = keep_vjp and (s.entry.kind == "affine" or (bool(s.params) and not isinstance(s.module, BlackBox)))
+            leaves = {}
+            if vjp and s.entry.kind == "affine":
+                leaves = {a: _leaf(env[a]) for a in s.inputs if a is not self.traced.x}
+            swap = {a: _copy(v) for a, v in leaves.items()} if s.inplace else dict(leaves)
+            if s.inplace or s.entry.kind == "probed":  # a module we do not know may write its input
+                swap.update({a: _copy(env[a]) for a in s.inputs if a not in swap})
+            args, kwargs = self._args(n, env, swap)
+            with torch.set_grad_enabled(vjp):
+                out = self._call(n, args, kwargs)
+            if not isinstance(out, (torch.Tensor, tuple, list)) or not _tensors(out):
+                env[n] = out  # a bool or size from an assert or a shape check: no target
                 continue
-            elif n not in steps:  # a constant (from parameters only): kept on autograd for the leaves
-                with torch.set_grad_enabled(keep_vjp):
+            if vjp:
+                local[n] = (out, leaves)
+            env[n] = out.detach() if isinstance(out, torch.Tensor) else \
+                _rebuild(out, [t.detach() if isinstance(t, torch.Tensor) else t for t in out])
+        return env, local
+
+    def constants(self, keep_vjp: bool = True) -> dict:
+        """The values that do not depend on x (parameters, buffers, w.t()), on autograd (for the
+        leaves through them) when keep_vjp."""
+        env = {}
+        with torch.set_grad_enabled(keep_vjp):
+            for n in self.traced.graph.nodes:
+                if n.op == "get_attr":
+                    env[n] = operator.attrgetter(n.target)(self.model)
+                elif n.op.startswith("call") and n not in self.state:
                     args, kwargs = self._args(n, env)
                     env[n] = self._call(n, args, kwargs)
-            else:
-                s = steps[n]
-                if s.entry.kind != "affine" and any(isinstance(env[a], (tuple, list)) for a in s.inputs):
-                    raise Unsupported(f"{s.label} takes a tuple of tensors")
-                vjp = keep_vjp and (s.entry.kind == "affine" or (bool(s.params) and not isinstance(s.module, BlackBox)))
-                leaves = {}
-                if vjp and s.entry.kind == "affine":
-                    leaves = {a: _leaf(env[a]) for a in s.inputs if a is not self.traced.x}
-                swap = {a: _copy(v) for a, v in leaves.items()} if s.inplace else dict(leaves)
-                if s.inplace or s.entry.kind == "probed":  # a module we do not know may write its input
-                    swap.update({a: _copy(env[a]) for a in s.inputs if a not in swap})
-                args, kwargs = self._args(n, env, swap)
-                with torch.set_grad_enabled(vjp):
-                    out = self._call(n, args, kwargs)
-                if not isinstance(out, (torch.Tensor, tuple, list)) or not _tensors(out):
-                    env[n] = out  # a bool or size from an assert or a shape check: no target
-                    continue
-                if vjp:
-                    local[n] = (out, leaves)
-                env[n] = out.detach() if isinstance(out, torch.Tensor) else \
-                    _rebuild(out, [t.detach() if isinstance(t, torch.Tensor) else t for t in out])
-        return env, local
+        return env
 
     @torch.no_grad()
     def check_samples(self, x: torch.Tensor, env) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "ACT_CODES", "entry_for", "is_view",
-           "register_elementwise"]
+           "register_elementwise", "module_for_call"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6,
@@ -47,6 +47,29 @@ ELEMENTWISE_CALLS = {
     F.relu6: None, F.hardsigmoid: None, F.hardtanh: None, F.leaky_relu: None, F.elu: None, F.softplus: None,
     F.dropout: None, operator.neg: None, torch.neg: None, "neg": None, torch.abs: None, "abs": None, torch.exp: None,
     "exp": None, "contiguous": None, "clone": None, "clamp": None, "clamp_min": None}
+
+
+def module_for_call(target, args: tuple, kwargs: dict) -> nn.Module | None:
+    """The module whose forward computes the call ``target(x, *args[1:], **kwargs)`` on x = args[0]
+    (the C++ executor then runs it as that module), or None. Elementwise calls with no other
+    argument (GELU: its approximate; in-place flags are ignored: the values are the same),
+    ``flatten`` with constant dims, ``adaptive_avg_pool1d/2d`` with a constant size."""
+    if target in (torch.flatten, "flatten"):
+        dims = dict(zip(("start_dim", "end_dim"), args[1:]), **kwargs)
+        if set(dims) - {"start_dim", "end_dim"} or not all(isinstance(v, int) for v in dims.values()):
+            return None
+        return nn.Flatten(dims.get("start_dim", 0), dims.get("end_dim", -1))
+    if target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d) and len(args) == 2 and not kwargs:
+        size = args[1]
+        if isinstance(size, int) or (isinstance(size, tuple) and all(isinstance(s, (int, type(None))) for s in size)):
+            return (nn.AdaptiveAvgPool1d if target is F.adaptive_avg_pool1d else nn.AdaptiveAvgPool2d)(size)
+        return None
+    cls = ELEMENTWISE_CALLS.get(target) if isinstance(target, str) or callable(target) else None
+    if cls is None or len(args) != 1 or set(kwargs) - {"inplace", "approximate"}:
+        return None
+    return cls(approximate=kwargs.get("approximate", "none")) if cls is nn.GELU else cls()
+
+
 # Sums of two tensors (residual adds), and all elementwise arithmetic between tensors.
 SUMS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 ARITHMETIC = SUMS | {operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv, torch.sub, torch.mul,

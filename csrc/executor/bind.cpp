@@ -3,12 +3,14 @@
 // work runs with the GIL released.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "executor.h"
+#include "op_executor.h"
 
 namespace py = pybind11;
 
@@ -45,6 +47,22 @@ LossCallback loss_callback(py::object fn) {
   return [held](const at::Tensor& copies, int64_t n) -> at::Tensor {
     py::gil_scoped_acquire gil;
     return (*held)(copies, n).cast<at::Tensor>();
+  };
+}
+
+OpCallback op_callback(py::object fn) {
+  if (fn.is_none()) return {};
+  auto held = hold(std::move(fn));
+  return [held](const std::vector<at::Tensor>& ins) -> at::Tensor {
+    py::gil_scoped_acquire gil;
+    py::tuple args(ins.size());
+    for (size_t k = 0; k < ins.size(); ++k) args[k] = py::cast(ins[k]);
+    py::object out = (*held)(*args);
+    if (!THPVariable_Check(out.ptr())) {
+      throw std::runtime_error(std::string("hzo op executor: a Python op returned a ") + Py_TYPE(out.ptr())->tp_name +
+                               ", not a tensor");
+    }
+    return THPVariable_Unpack(out.ptr());
   };
 }
 
@@ -95,6 +113,25 @@ Plan make_plan(const std::vector<std::vector<SplitTuple>>& levels, int64_t head_
   return plan;
 }
 
+// How one input of a probed op is probed: (colors, probes, num_inputs, SppTuple or None).
+using ProbeTuple = std::tuple<at::Tensor, int64_t, int64_t, std::optional<SppTuple>>;
+
+InputProbe make_probe(const ProbeTuple& spec, std::optional<int64_t> chunk_size, int64_t num_outputs) {
+  const auto& [colors, probes, num_inputs, spp] = spec;
+  InputProbe p;
+  p.colors = colors;
+  p.probes = probes;
+  p.num_inputs = num_inputs;
+  if (spp) {
+    const auto& [spp_colors, boxes, in_shape, geometry_out, channelwise] = *spp;
+    p.spp = SppGeometry{spp_colors, boxes, in_shape, geometry_out, channelwise};
+  }
+  if (probes > 0) p.chunks = make_chunks(probes, chunk_size, colors.device(), !spp.has_value(), num_outputs);
+  return p;
+}
+
+const std::vector<std::string> kOpModes{"affine", "elementwise", "elementwise_call", "probed"};
+
 }  // namespace
 
 void bind(py::module_& m) {
@@ -108,6 +145,62 @@ void bind(py::module_& m) {
            py::arg("kind"), py::arg("tensors"), py::arg("ints"), py::arg("floats"), py::arg("text"),
            py::arg("children"), py::arg("callback"))
       .def_property_readonly("foldable", &Node::foldable);
+
+  py::class_<OpStep>(m, "OpStep", "One op of the traced graph as the C++ op-level engine runs it.")
+      .def(py::init([](const std::string& mode, std::vector<int64_t> inputs, std::vector<bool> wants, int64_t output,
+                       std::optional<Node> node, bool sum, py::object call, int64_t act, double alpha, double beta,
+                       std::vector<at::Tensor> params, const std::vector<ProbeTuple>& probes,
+                       std::optional<int64_t> chunk_size, int64_t num_outputs, std::string label) {
+             OpStep s;
+             const auto it = std::find(kOpModes.begin(), kOpModes.end(), mode);
+             TORCH_CHECK(it != kOpModes.end(), "hzo op executor: unknown op mode '", mode, "'");
+             s.mode = static_cast<OpMode>(it - kOpModes.begin());
+             s.inputs = std::move(inputs);
+             s.wants = std::move(wants);
+             s.output = output;
+             if (node) s.node = std::move(*node);
+             s.sum = sum;
+             s.call = op_callback(std::move(call));
+             TORCH_CHECK(node || sum || s.call, "hzo op executor: ", label, " has no way to run");
+             s.act = act;
+             s.alpha = alpha;
+             s.beta = beta;
+             s.params = std::move(params);
+             for (const auto& p : probes) s.probes.push_back(make_probe(p, chunk_size, num_outputs));
+             s.label = std::move(label);
+             return s;
+           }),
+           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("output"), py::arg("node"), py::arg("sum"),
+           py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"), py::arg("params"), py::arg("probes"),
+           py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
+
+  py::class_<OpExecutor>(m, "OpExecutor", "Runs the op-level engine's estimates (hzo_ext/executor.py CppOps).")
+      .def(py::init<std::vector<OpStep>, int64_t, int64_t, double, bool>(), py::arg("steps"), py::arg("num_values"),
+           py::arg("out_slot"), py::arg("eps"), py::arg("relative"))
+      .def("forward", &OpExecutor::forward, py::arg("x"), py::call_guard<py::gil_scoped_release>(),
+           "The clean forward: every value (slot 0: x), detached.")
+      .def("release", &OpExecutor::release)
+      .def(
+          "targets",
+          [](OpExecutor& self, const at::Tensor& delta_out) {
+            OpOutcome o;
+            {
+              py::gil_scoped_release release;
+              o = self.targets(delta_out);
+            }
+            py::dict d;
+            d["failure"] = o.failure;
+            d["probes"] = o.probes;
+            d["fd_layer_evals"] = o.fd_layer_evals;
+            d["splits"] = o.splits;
+            d["python_calls"] = o.python_calls;
+            d["forward_calls"] = o.forward_calls;
+            py::list grads;
+            for (auto& [p, g] : o.grads) grads.append(py::make_tuple(p, g));
+            d["grads"] = grads;
+            return d;
+          },
+          py::arg("delta_out"), "Every op's input targets from the output's, and the leaves' gradients.");
 
   py::class_<Plan>(m, "ExecPlan", "The splits of one input shape, with their probe chunks.")
       .def(py::init(&make_plan), py::arg("levels"), py::arg("head_inputs"), py::arg("chunk_size"),

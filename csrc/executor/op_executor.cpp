@@ -1,0 +1,228 @@
+// The op-level engine in C++ (op_executor.h). The order of the work and the ops called are those
+// of hzo_ext/opengine.py (OpProgram.forward, OpRun.targets), so both engines give the same
+// targets; the tests compare them with hzo_ext.reference to 1e-10 in float64.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+
+#include "op_executor.h"
+
+namespace hzo::exec {
+
+namespace {
+
+at::Tensor probe_elementwise_op(const at::Tensor& z, const at::Tensor& target, double eps, int64_t act, double alpha,
+                                double beta) {
+  at::AutoDispatchBelowAutograd below_autograd;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hzo_ext::probe_elementwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, double, double)>();
+  return op.call(z, target, eps, act, alpha, beta);
+}
+
+at::Tensor perturb_op(const at::Tensor& a, const at::Tensor& colors, const at::Tensor& ids, double eps) {
+  at::AutoDispatchBelowAutograd below_autograd;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("hzo_ext::perturb", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(a, colors, ids, eps);
+}
+
+void add_to(at::Tensor& acc, const at::Tensor& g) { acc = acc.defined() ? acc + g : g; }
+
+// [n * B, ...] copies of a clean input that is not perturbed: repeated along the batch.
+at::Tensor repeated(const at::Tensor& v, int64_t n) {
+  std::vector<int64_t> reps(v.dim(), 1);
+  reps[0] = n;
+  return v.repeat(reps);
+}
+
+}  // namespace
+
+OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t out_slot, double eps, bool relative)
+    : steps_(std::move(steps)), num_values_(num_values), out_slot_(out_slot), eps_(eps), relative_(relative) {
+  TORCH_CHECK(out_slot_ > 0 && out_slot_ < num_values_, "hzo op executor: output slot out of range");
+  for (const auto& s : steps_) {
+    TORCH_CHECK(s.output > 0 && s.output < num_values_, "hzo op executor: ", s.label, ": output slot out of range");
+    TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
+    TORCH_CHECK(!s.inputs.empty(), "hzo op executor: ", s.label, " has no input");
+    TORCH_CHECK(!s.sum || s.inputs.size() == 2, "hzo op executor: ", s.label, ": a sum takes two inputs");
+    TORCH_CHECK(s.sum || s.call || s.inputs.size() == 1, "hzo op executor: ", s.label,
+                ": several inputs need a callback");
+    TORCH_CHECK(s.mode != OpMode::Probed || s.probes.size() == s.inputs.size(), "hzo op executor: ", s.label,
+                ": one probe spec per input");
+    for (int64_t v : s.inputs) {
+      TORCH_CHECK(v >= 0 && v < s.output, "hzo op executor: ", s.label, " reads a value computed after it");
+    }
+  }
+}
+
+double OpExecutor::step(const at::Tensor& a) const {
+  if (!relative_) return eps_;
+  const double rms = a.to(at::kDouble).pow(2).mean().sqrt().item<double>();
+  return rms > 0 && std::isfinite(rms) ? eps_ * rms : eps_;
+}
+
+void OpExecutor::release() {
+  values_.clear();
+  local_.clear();
+  leaves_.clear();
+}
+
+at::Tensor OpExecutor::run(const OpStep& s, const std::vector<at::Tensor>& ins, RunCounts& counts) const {
+  if (s.sum) return ins[0] + ins[1];
+  if (s.call) {
+    ++counts.python_calls;
+    return s.call(ins);
+  }
+  return s.node.forward(ins[0], counts);
+}
+
+std::vector<at::Tensor> OpExecutor::forward(const at::Tensor& x) {
+  release();
+  values_.assign(num_values_, at::Tensor());
+  local_.assign(steps_.size(), at::Tensor());
+  leaves_.assign(steps_.size(), {});
+  values_[0] = x.detach();
+  RunCounts counts;
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    const OpStep& s = steps_[i];
+    const bool vjp = s.mode == OpMode::Affine || !s.params.empty();
+    std::vector<at::Tensor> ins;
+    for (size_t k = 0; k < s.inputs.size(); ++k) {
+      const at::Tensor& v = values_[s.inputs[k]];
+      if (vjp && s.mode == OpMode::Affine && s.wants[k]) {  // its VJP gives this input's target
+        leaves_[i].push_back(v.detach().requires_grad_(true));
+        ins.push_back(leaves_[i].back());
+      } else {
+        ins.push_back(v);
+      }
+    }
+    at::Tensor out;
+    {
+      at::AutoGradMode grad_mode(vjp);
+      out = run(s, ins, counts);
+    }
+    if (vjp) local_[i] = out;
+    values_[s.output] = out.detach();
+  }
+  forward_python_calls_ = counts.python_calls;
+  return values_;
+}
+
+at::Tensor OpExecutor::probe(const OpStep& s, size_t k, const at::Tensor& target, RunCounts& counts,
+                             OpOutcome& out) const {
+  const InputProbe& p = s.probes[k];
+  const at::Tensor& a = values_[s.inputs[k]];
+  const double eps = step(a);
+  const int64_t B = a.size(0);
+  at::Tensor delta;
+  for (const auto& c : p.chunks) {
+    const int64_t K = c.ids.numel();
+    std::vector<int64_t> rows(a.sizes().begin(), a.sizes().end());
+    rows[0] = -1;
+    std::vector<at::Tensor> ins;
+    for (size_t q = 0; q < s.inputs.size(); ++q) {
+      ins.push_back(q == k ? perturb_op(a, p.colors, c.ids, eps).reshape(rows)  // [2KB, *S]
+                           : repeated(values_[s.inputs[q]], 2 * K));
+    }
+    const at::Tensor y = run(s, ins, counts);
+    ++out.forward_calls;
+    std::vector<int64_t> shape{2, K, B};
+    shape.insert(shape.end(), y.sizes().begin() + 1, y.sizes().end());
+    add_to(delta, contract_chunk(c, p.spp ? &*p.spp : nullptr, y.reshape(shape), target, eps, p.num_inputs));
+  }
+  out.probes += p.probes;
+  out.fd_layer_evals += 2 * p.probes;
+  return delta.reshape(a.sizes());
+}
+
+OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
+  TORCH_CHECK(!values_.empty(), "hzo op executor: targets() before forward()");
+  OpOutcome out;
+  out.forward_calls = 1;
+  RunCounts counts;
+  std::vector<at::Tensor> t(num_values_);
+  t[out_slot_] = delta_out;
+  std::vector<std::pair<int64_t, at::Tensor>> finite;  // (op, all finite?) read once at the end
+  for (int64_t i = static_cast<int64_t>(steps_.size()) - 1; i >= 0; --i) {
+    const OpStep& s = steps_[i];
+    at::Tensor ti = std::move(t[s.output]);
+    t[s.output] = at::Tensor();
+    if (!ti.defined()) {
+      local_[i] = at::Tensor();
+      continue;  // its output does not reach the loss
+    }
+    std::vector<std::pair<int64_t, at::Tensor>> got;  // (input slot, its target's part)
+    std::vector<at::Tensor> param_grads;
+    if (s.mode == OpMode::Affine) {  // A^T t and the weight gradient, by the op's VJP
+      std::vector<at::Tensor> wrt(leaves_[i].begin(), leaves_[i].end());
+      wrt.insert(wrt.end(), s.params.begin(), s.params.end());
+      if (!wrt.empty() && local_[i].requires_grad()) {
+        auto g = torch::autograd::grad({local_[i]}, wrt, {ti.to(local_[i].scalar_type())}, /*retain_graph=*/true,
+                                       /*create_graph=*/false, /*allow_unused=*/true);
+        size_t leaf = 0;
+        int64_t n_in = 0;
+        for (size_t k = 0; k < s.inputs.size(); ++k) {
+          if (!s.wants[k]) continue;
+          n_in += values_[s.inputs[k]].numel() / values_[s.inputs[k]].size(0);
+          if (g[leaf].defined()) got.emplace_back(s.inputs[k], g[leaf]);
+          ++leaf;
+        }
+        param_grads.assign(g.begin() + leaf, g.end());
+        out.probes += n_in;  // what a dense probe would query; the fold needs none
+        out.fd_layer_evals += 2 * n_in;
+      }
+    } else if (s.mode == OpMode::Elementwise || s.mode == OpMode::ElementwiseCall) {
+      if (s.wants[0]) {
+        const at::Tensor& a = values_[s.inputs[0]];
+        const double eps = step(a);
+        if (s.mode == OpMode::Elementwise) {
+          got.emplace_back(s.inputs[0], probe_elementwise_op(a, ti, eps, s.act, s.alpha, s.beta));
+        } else {  // no kernel code: the op itself on the stacked +-eps copies
+          const at::Tensor y = run(s, {at::cat({a + eps, a - eps})}, counts);
+          auto pm = y.chunk(2);
+          got.emplace_back(s.inputs[0], ti * (pm[0] - pm[1]) / (2 * eps));
+        }
+        out.probes += 1;
+        out.fd_layer_evals += 2;
+      }
+    } else {
+      for (size_t k = 0; k < s.inputs.size(); ++k) {
+        if (s.wants[k]) got.emplace_back(s.inputs[k], probe(s, k, ti, counts, out));
+      }
+      if (!s.params.empty() && local_[i].defined() && local_[i].requires_grad()) {  // the local VJP
+        param_grads = torch::autograd::grad({local_[i]}, s.params, {ti.to(local_[i].scalar_type())},
+                                            /*retain_graph=*/true, /*create_graph=*/false, /*allow_unused=*/true);
+      }
+    }
+    local_[i] = at::Tensor();
+    for (auto& [slot, g] : got) {
+      finite.emplace_back(i, at::isfinite(g).all());
+      add_to(t[slot], g);
+    }
+    for (size_t k = 0; k < param_grads.size(); ++k) {
+      if (param_grads[k].defined()) out.grads.emplace_back(s.params[k], std::move(param_grads[k]));
+    }
+    ++out.splits;
+  }
+  out.python_calls = counts.python_calls + forward_python_calls_;  // the clean forward's too
+  if (!finite.empty()) {
+    std::vector<at::Tensor> flags;
+    for (const auto& f : finite) flags.push_back(f.second);
+    if (!at::stack(flags).all().item<bool>()) {
+      for (const auto& f : finite) {
+        if (!f.second.item<bool>()) {
+          out.failure = f.first;
+          break;
+        }
+      }
+      out.grads.clear();
+    }
+  }
+  return out;
+}
+
+}  // namespace hzo::exec

@@ -1,0 +1,85 @@
+// The op-level engine in C++ (the default engine, hzo_ext/opengine.py, when the extension is
+// loaded): the traced graph's ops, one split per op, walked from the output back. Each op is
+// an ExecNode (the ATen op its module or function calls, lowered by hzo_ext/executor.py), a sum
+// of two values, or a Python callback (opaque and unlowered ops). How each op is probed comes
+// from the registry through the Python side: affine ops fold (their VJP, with their leaf),
+// elementwise ops are one fused probe (hzo_ext::probe_elementwise), other ops take +-eps copies
+// of each input (hzo_ext::perturb / contract, SPP where the coloring says). Torch-only.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "executor.h"
+
+#pragma GCC visibility push(hidden)
+
+namespace hzo::exec {
+
+// An op with several tensor inputs Python runs: inputs -> output.
+using OpCallback = std::function<at::Tensor(const std::vector<at::Tensor>&)>;
+
+enum class OpMode { Affine, Elementwise, ElementwiseCall, Probed };
+
+// How one input of a probed op is probed: its colors, chunks of probe ids, SPP geometry (dense
+// when unset).
+struct InputProbe {
+  at::Tensor colors;
+  std::vector<Chunk> chunks;
+  std::optional<SppGeometry> spp;
+  int64_t num_inputs = 0, probes = 0;
+};
+
+struct OpStep {
+  OpMode mode = OpMode::Probed;
+  std::vector<int64_t> inputs;  // value slots of its x-dependent inputs (slot 0: x)
+  std::vector<bool> wants;      // per input: it needs a target (not x)
+  int64_t output = 0;           // its value slot
+  Node node;                    // one input: the lowered op (native or a Callback node)
+  bool sum = false;             // two inputs: inputs[0] + inputs[1]
+  OpCallback call;              // several inputs, when set
+  int64_t act = 0;              // Elementwise: the fused kernel's code, settings
+  double alpha = 0, beta = 0;
+  std::vector<at::Tensor> params;     // trainable parameters it reads (its leaf)
+  std::vector<InputProbe> probes;     // Probed: per input
+  std::string label;
+};
+
+struct OpOutcome {
+  int64_t failure = -1;  // the op whose query gave inf/nan (nearest the output), or -1
+  int64_t probes = 0, fd_layer_evals = 0, splits = 0, python_calls = 0, forward_calls = 0;
+  std::vector<std::pair<at::Tensor, at::Tensor>> grads;  // (parameter, gradient), empty on failure
+};
+
+class OpExecutor {
+ public:
+  OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t out_slot, double eps, bool relative);
+  // The clean forward: every value (slot 0: x), detached; keeps the local graphs of the leaves.
+  std::vector<at::Tensor> forward(const at::Tensor& x);
+  // Targets from the output's (delta_out) back to every op's inputs, and the leaves; the
+  // gradients are returned, not written (the caller accumulates them once all is finite).
+  OpOutcome targets(const at::Tensor& delta_out);
+  void release();
+
+ private:
+  double step(const at::Tensor& a) const;
+  at::Tensor run(const OpStep& s, const std::vector<at::Tensor>& ins, RunCounts& counts) const;
+  at::Tensor probe(const OpStep& s, size_t k, const at::Tensor& target, RunCounts& counts, OpOutcome& out) const;
+
+  std::vector<OpStep> steps_;
+  int64_t num_values_, out_slot_;
+  double eps_;
+  bool relative_;
+  std::vector<at::Tensor> values_;
+  std::vector<at::Tensor> local_;                 // per step: its output on autograd (leaves, folds)
+  std::vector<std::vector<at::Tensor>> leaves_;   // per step: the leaves standing for its inputs (affine)
+  int64_t forward_python_calls_ = 0;
+};
+
+}  // namespace hzo::exec
+
+#pragma GCC visibility pop
