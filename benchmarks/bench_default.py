@@ -12,7 +12,8 @@ by the fused kernel) against backprop, and on ResNet-20 against DeepZero's CGE.
   the network re-run from the perturbed layer): its time per query is measured on a sample
   of coordinates of every layer and multiplied by the layer's coordinate count (a full run
   would take days); the count is exact.
-HZO and backprop are timed interleaved (round robin) in one process; medians. Accuracy:
+HZO (the default: its C++ version where the extension is loaded), the same engine in Python
+(executor='python') and backprop are timed interleaved (round robin) in one process; medians. Accuracy:
 cosine per parameter tensor of the float32 estimate against float64 autograd. Memory: each
 HZO estimate once more in a fresh process, its peak RSS growth against the plan's prediction.
 """
@@ -177,11 +178,15 @@ def bench(case: str, batch: int, threads: int, repeats: int) -> dict:
     loss = nn.CrossEntropyLoss()
     cos = min_cosine(model, loss, x, y)
     est, bp = hzo_ext.HZO(model, loss), hzo_ext.Backprop(model, loss)
+    in_python = hzo_ext.HZO(model, loss, executor="python")  # the same engine, its Python version
     est.backward(x, y)  # warm: one-time checks
+    in_python.backward(x, y)
     plan = est.plan(x)
-    t = time_round_robin({"hzo": lambda: est.backward(x, y), "backprop": lambda: bp.backward(x, y)}, repeats)
+    t = time_round_robin({"hzo": lambda: est.backward(x, y), "backprop": lambda: bp.backward(x, y),
+                          "python": lambda: in_python.backward(x, y)}, repeats)
     row = {"case": case, "batch": batch, "threads": threads, "hzo_s": t["hzo"], "backprop_s": t["backprop"],
            "hzo_over_backprop": t["hzo"] / t["backprop"], "min_param_cosine": cos, "engine": est.engine,
+           "executor": est.executor, "python_engine_s": t["python"], "python_over_cpp": t["python"] / t["hzo"],
            "fd_layer_evals": est.last_stats.fd_layer_evals}
     if case == "resnet20":
         per_layer = DeepZeroCGE(copy.deepcopy(model), loss).seconds_per_layer(x, y)
@@ -205,9 +210,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     rows = [r for r in rows if "hzo_over_backprop" in r]
     labels = [f"{r['case']}\nbatch {r['batch']}" for r in rows]
-    ax.bar(labels, [r["hzo_over_backprop"] for r in rows], color="tab:blue", label="default HZO / backprop")
+    at = range(len(rows))
+    ax.bar([i - 0.2 for i in at], [r["hzo_over_backprop"] for r in rows], width=0.4, color="tab:blue",
+           label=f"default HZO ({rows[0]['executor']}) / backprop" if rows else "")
+    ax.bar([i + 0.2 for i in at], [r["python_engine_s"] / r["backprop_s"] for r in rows], width=0.4,
+           color="tab:orange", label="same engine in Python / backprop")
     for i, r in enumerate(rows):
-        ax.text(i, r["hzo_over_backprop"], f"{r['hzo_over_backprop']:.1f}x", ha="center", va="bottom")
+        ax.text(i - 0.2, r["hzo_over_backprop"], f"{r['hzo_over_backprop']:.1f}x", ha="center", va="bottom",
+                fontsize=8)
+        ax.text(i + 0.2, r["python_engine_s"] / r["backprop_s"], f"{r['python_engine_s'] / r['backprop_s']:.1f}x",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(at), labels)
+    ax.legend(fontsize=8, loc="upper left")
     ax.axhline(8, color="gray", ls=":", lw=1)
     ax.axhline(20, color="gray", ls="--", lw=1)
     ax.set_ylabel("time of one estimate / backprop")

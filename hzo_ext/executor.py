@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import _ext
-from .registry import SUMS, module_for_call
+from .registry import SUMS, is_stock as _stock, lowering, module_for_call
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
 __all__ = ["unsupported_option", "select", "CppExecutor", "lower"]
@@ -79,16 +79,6 @@ def select(est, executor: str, fast: bool):
 
 # ---- lowering ------------------------------------------------------------------------------------
 
-_SIMPLE = {nn.ReLU.forward: "relu", nn.Tanh.forward: "tanh", nn.Sigmoid.forward: "sigmoid",
-           nn.SiLU.forward: "silu", nn.Mish.forward: "mish", nn.Hardswish.forward: "hardswish",
-           nn.Identity.forward: "identity", nn.Flatten.forward: "flatten", nn.GELU.forward: "gelu",
-           nn.LeakyReLU.forward: "leaky_relu", nn.ELU.forward: "elu", nn.Softplus.forward: "softplus",
-           nn.Hardtanh.forward: "hardtanh"}
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_BATCHNORM_RANKS = {nn.BatchNorm1d: [2, 3], nn.BatchNorm2d: [4], nn.BatchNorm3d: [5]}
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
-
 def _copy_in(fn):
     """Python code called from C++ gets a copy of its input: it may write it in place, and the
     input may be a clean activation that later probes read. That keeps the model's meaning only
@@ -107,16 +97,6 @@ def _first_runs_in_python(mod: nn.Module, python: list) -> bool:
 
 def _hooked(mod: nn.Module) -> bool:
     return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks)
-
-
-def _tup(v, nd: int) -> list[int]:
-    v = list(v) if isinstance(v, (tuple, list)) else [v] * nd
-    return [int(x) for x in v]
-
-
-def _stock(mod: nn.Module, cls: type, *methods: str) -> bool:
-    """mod runs cls's own forward (and the named helper methods): no subclass override."""
-    return all(getattr(type(mod), m) is getattr(cls, m) for m in ("forward",) + methods)
 
 
 def _node(mod: nn.Module, callback, watch: list, python: list):
@@ -245,56 +225,8 @@ def _native(mod: nn.Module, callback, watch: list, python: list):
         if any(_first_runs_in_python(c, python) for c in kids):
             return None  # it may write the input the other path reads: the block runs in Python
         return Node("residual", [], [], [], "", nodes, None)
-    if _stock(mod, nn.Linear):
-        return Node("linear", [mod.weight, mod.bias], [], [], "", [], None)
-    for cls, nd in _CONVS.items():
-        if isinstance(mod, cls):
-            if not _stock(mod, cls, "_conv_forward") or mod.padding_mode != "zeros":
-                return None
-            text = mod.padding if isinstance(mod.padding, str) else ""
-            pad = [0] * nd if text else _tup(mod.padding, nd)
-            ints = [nd, mod.groups] + _tup(mod.stride, nd) + pad + _tup(mod.dilation, nd)
-            return Node("conv", [mod.weight, mod.bias], ints, [], text, [], None)
-    for cls, ranks in _BATCHNORM_RANKS.items():
-        if isinstance(mod, cls):
-            if not _stock(mod, cls, "_check_input_dim") or mod.training or mod.running_mean is None \
-                    or mod.running_var is None:
-                return None
-            momentum = 0.0 if mod.momentum is None else float(mod.momentum)
-            return Node("batch_norm", [mod.weight, mod.bias, mod.running_mean, mod.running_var], ranks,
-                        [momentum, float(mod.eps)], "", [], None)
-    if type(mod) in _DROPOUTS:
-        return None if mod.training else Node("identity", [], [], [], "", [], None)
-    kind = _SIMPLE.get(type(mod).forward)
-    if kind == "gelu":
-        return Node(kind, [], [], [], mod.approximate, [], None)
-    if kind == "flatten":
-        return Node(kind, [], [mod.start_dim, mod.end_dim], [], "", [], None)
-    if kind is not None:
-        floats = {"leaky_relu": lambda: [mod.negative_slope], "elu": lambda: [mod.alpha],
-                  "softplus": lambda: [mod.beta, mod.threshold],
-                  "hardtanh": lambda: [mod.min_val, mod.max_val]}.get(kind, list)()
-        # Never in place as the module asks: its input may be a clean activation later probes read
-        # (the values are the same; query intermediates nothing else holds are still overwritten).
-        return Node(kind, [], [0], [float(f) for f in floats], "", [], None)
-    if type(mod) in (nn.MaxPool1d, nn.MaxPool2d) and not mod.return_indices:
-        nd = 1 if type(mod) is nn.MaxPool1d else 2
-        ints = [nd, int(mod.ceil_mode)] + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) \
-            + _tup(mod.padding, nd) + _tup(mod.dilation, nd)
-        return Node("max_pool", [], ints, [], "", [], None)
-    if type(mod) in (nn.AvgPool1d, nn.AvgPool2d):
-        nd = 1 if type(mod) is nn.AvgPool1d else 2
-        div = getattr(mod, "divisor_override", None)
-        ints = [nd, int(mod.ceil_mode), int(mod.count_include_pad), int(div is not None), int(div or 0)] \
-            + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) + _tup(mod.padding, nd)
-        return Node("avg_pool", [], ints, [], "", [], None)
-    if type(mod) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
-        nd = 1 if type(mod) is nn.AdaptiveAvgPool1d else 2
-        size = list(mod.output_size) if isinstance(mod.output_size, (tuple, list)) else [mod.output_size] * nd
-        if nd == 1 and size[0] is None:  # adaptive_avg_pool1d takes no None
-            return None
-        return Node("adaptive_avg_pool", [], [nd] + [-1 if s is None else int(s) for s in size], [], "", [], None)
-    return None
+    low = lowering(mod)  # a leaf module type the C++ executors run natively
+    return None if low is None else Node(*low, [], None)
 
 
 def lower(stages) -> tuple[list, list, set]:

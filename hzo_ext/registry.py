@@ -15,6 +15,10 @@ made of it is probed:
   (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense). Opaque nodes
   (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always probed.
 
+How the C++ executors run an op natively: ``lowering(module)`` gives the description of an
+``_C.ExecNode`` (csrc/executor/stages.cpp) for the module types they run as ATen calls, and
+``module_for_call`` the module equivalent to a call (``F.relu(x)``, ``torch.flatten(x, 1)``).
+
 ``register_elementwise(op, code=None)`` adds an elementwise op: the engine then probes it
 with one colored probe and the SPP footprints treat it as elementwise.
 The stage-wise engines read the same knowledge: SPP footprints (``hzo_ext.spp``) treat the
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "ACT_CODES", "entry_for", "is_view",
-           "register_elementwise", "module_for_call"]
+           "register_elementwise", "module_for_call", "lowering", "is_stock"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6,
@@ -192,3 +196,79 @@ def entry_for(op: str, target, module: nn.Module | None, inplace_kw: bool = Fals
         except TypeError:  # unhashable target
             return _PROBED
     return _PROBED
+
+
+# ---- how the C++ executors run a module (the ExecNode kinds of csrc/executor/stages.cpp) ----------
+
+_SIMPLE = {nn.ReLU.forward: "relu", nn.Tanh.forward: "tanh", nn.Sigmoid.forward: "sigmoid",
+           nn.SiLU.forward: "silu", nn.Mish.forward: "mish", nn.Hardswish.forward: "hardswish",
+           nn.Identity.forward: "identity", nn.Flatten.forward: "flatten", nn.GELU.forward: "gelu",
+           nn.LeakyReLU.forward: "leaky_relu", nn.ELU.forward: "elu", nn.Softplus.forward: "softplus",
+           nn.Hardtanh.forward: "hardtanh"}
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_BATCHNORM_RANKS = {nn.BatchNorm1d: [2, 3], nn.BatchNorm2d: [4], nn.BatchNorm3d: [5]}
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def is_stock(mod: nn.Module, cls: type, *methods: str) -> bool:
+    """mod runs cls's own forward (and the named helper methods): no subclass override."""
+    return all(getattr(type(mod), m) is getattr(cls, m) for m in ("forward",) + methods)
+
+
+def _tup(v, nd: int) -> list[int]:
+    v = list(v) if isinstance(v, (tuple, list)) else [v] * nd
+    return [int(x) for x in v]
+
+
+def lowering(mod: nn.Module) -> tuple | None:
+    """(kind, tensors, ints, floats, text) of the ExecNode calling the ATen op ``mod``'s forward
+    calls, with the module's own tensors (an optimizer's updates are seen), or None."""
+    if is_stock(mod, nn.Linear):
+        return "linear", [mod.weight, mod.bias], [], [], ""
+    for cls, nd in _CONVS.items():
+        if isinstance(mod, cls):
+            if not is_stock(mod, cls, "_conv_forward") or mod.padding_mode != "zeros":
+                return None
+            text = mod.padding if isinstance(mod.padding, str) else ""
+            pad = [0] * nd if text else _tup(mod.padding, nd)
+            return "conv", [mod.weight, mod.bias], [nd, mod.groups] + _tup(mod.stride, nd) + pad + \
+                _tup(mod.dilation, nd), [], text
+    for cls, ranks in _BATCHNORM_RANKS.items():
+        if isinstance(mod, cls):
+            if not is_stock(mod, cls, "_check_input_dim") or mod.training or mod.running_mean is None \
+                    or mod.running_var is None:
+                return None
+            momentum = 0.0 if mod.momentum is None else float(mod.momentum)
+            return "batch_norm", [mod.weight, mod.bias, mod.running_mean, mod.running_var], ranks, \
+                [momentum, float(mod.eps)], ""
+    if type(mod) in _DROPOUTS:
+        return None if mod.training else ("identity", [], [], [], "")
+    kind = _SIMPLE.get(type(mod).forward)
+    if kind == "gelu":
+        return kind, [], [], [], mod.approximate
+    if kind == "flatten":
+        return kind, [], [mod.start_dim, mod.end_dim], [], ""
+    if kind is not None:
+        floats = {"leaky_relu": lambda: [mod.negative_slope], "elu": lambda: [mod.alpha],
+                  "softplus": lambda: [mod.beta, mod.threshold],
+                  "hardtanh": lambda: [mod.min_val, mod.max_val]}.get(kind, list)()
+        # Never in place as the module asks: its input may be a clean activation later probes read
+        # (the values are the same; query intermediates nothing else holds are still overwritten).
+        return kind, [], [0], [float(f) for f in floats], ""
+    if type(mod) in (nn.MaxPool1d, nn.MaxPool2d) and not mod.return_indices:
+        nd = 1 if type(mod) is nn.MaxPool1d else 2
+        return "max_pool", [], [nd, int(mod.ceil_mode)] + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) + \
+            _tup(mod.padding, nd) + _tup(mod.dilation, nd), [], ""
+    if type(mod) in (nn.AvgPool1d, nn.AvgPool2d):
+        nd = 1 if type(mod) is nn.AvgPool1d else 2
+        div = getattr(mod, "divisor_override", None)
+        return "avg_pool", [], [nd, int(mod.ceil_mode), int(mod.count_include_pad), int(div is not None),
+                                int(div or 0)] + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) + \
+            _tup(mod.padding, nd), [], ""
+    if type(mod) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
+        nd = 1 if type(mod) is nn.AdaptiveAvgPool1d else 2
+        size = list(mod.output_size) if isinstance(mod.output_size, (tuple, list)) else [mod.output_size] * nd
+        if nd == 1 and size[0] is None:  # adaptive_avg_pool1d takes no None
+            return None
+        return "adaptive_avg_pool", [], [nd] + [-1 if s is None else int(s) for s in size], [], ""
+    return None
