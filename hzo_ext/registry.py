@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "ACT_CODES", "entry_for", "is_view",
+__all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "BINARY", "ACT_CODES", "entry_for", "is_view",
            "register_elementwise", "module_for_call", "lowering", "is_stock"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
@@ -48,7 +48,7 @@ ELEMENTWISE_CALLS = {
     F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, F.tanh: nn.Tanh, torch.tanh: nn.Tanh,
     "tanh": nn.Tanh, "tanh_": nn.Tanh, F.sigmoid: nn.Sigmoid, torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid,
     "sigmoid_": nn.Sigmoid, F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish, F.mish: nn.Mish,
-    F.relu6: None, F.hardsigmoid: None, F.hardtanh: None, F.leaky_relu: None, F.elu: None, F.softplus: None,
+    F.relu6: None, F.hardsigmoid: nn.Hardsigmoid, F.hardtanh: None, F.leaky_relu: None, F.elu: None, F.softplus: None,
     F.dropout: None, operator.neg: None, torch.neg: None, "neg": None, torch.abs: None, "abs": None, torch.exp: None,
     "exp": None, "contiguous": None, "clone": None, "clamp": None, "clamp_min": None}
 
@@ -78,6 +78,9 @@ def module_for_call(target, args: tuple, kwargs: dict) -> nn.Module | None:
 SUMS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 ARITHMETIC = SUMS | {operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv, torch.sub, torch.mul,
                      "sub", "sub_", "mul", "mul_", "div", "div_"}
+# Arithmetic the C++ op-level engine runs natively between two values (a + b, a - b, a * b).
+BINARY = {**dict.fromkeys(SUMS, "add"), **dict.fromkeys((operator.sub, operator.isub, torch.sub, "sub", "sub_"), "sub"),
+          **dict.fromkeys((operator.mul, operator.imul, torch.mul, "mul", "mul_"), "mul")}
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ def entry_for(op: str, target, module: nn.Module | None, inplace_kw: bool = Fals
 
 _SIMPLE = {nn.ReLU.forward: "relu", nn.Tanh.forward: "tanh", nn.Sigmoid.forward: "sigmoid",
            nn.SiLU.forward: "silu", nn.Mish.forward: "mish", nn.Hardswish.forward: "hardswish",
+           nn.Hardsigmoid.forward: "hardsigmoid",
            nn.Identity.forward: "identity", nn.Flatten.forward: "flatten", nn.GELU.forward: "gelu",
            nn.LeakyReLU.forward: "leaky_relu", nn.ELU.forward: "elu", nn.Softplus.forward: "softplus",
            nn.Hardtanh.forward: "hardtanh"}

@@ -131,6 +131,7 @@ InputProbe make_probe(const ProbeTuple& spec, std::optional<int64_t> chunk_size,
 }
 
 const std::vector<std::string> kOpModes{"affine", "elementwise", "elementwise_call", "probed"};
+const std::vector<std::string> kArith{"", "add", "sub", "mul"};
 
 }  // namespace
 
@@ -148,7 +149,7 @@ void bind(py::module_& m) {
 
   py::class_<OpStep>(m, "OpStep", "One op of the traced graph as the C++ op-level engine runs it.")
       .def(py::init([](const std::string& mode, std::vector<int64_t> inputs, std::vector<bool> wants, int64_t output,
-                       std::optional<Node> node, bool sum, py::object call, int64_t act, double alpha, double beta,
+                       std::optional<Node> node, const std::string& arith, py::object call, int64_t act, double alpha, double beta,
                        std::vector<at::Tensor> params, const std::vector<ProbeTuple>& probes,
                        std::optional<int64_t> chunk_size, int64_t num_outputs, std::string label) {
              OpStep s;
@@ -159,9 +160,11 @@ void bind(py::module_& m) {
              s.wants = std::move(wants);
              s.output = output;
              if (node) s.node = std::move(*node);
-             s.sum = sum;
+             const auto a = std::find(kArith.begin(), kArith.end(), arith);
+             TORCH_CHECK(a != kArith.end(), "hzo op executor: unknown arithmetic '", arith, "'");
+             s.arith = static_cast<Arith>(a - kArith.begin());
              s.call = op_callback(std::move(call));
-             TORCH_CHECK(node || sum || s.call, "hzo op executor: ", label, " has no way to run");
+             TORCH_CHECK(node || s.arith != Arith::None || s.call, "hzo op executor: ", label, " has no way to run");
              s.act = act;
              s.alpha = alpha;
              s.beta = beta;
@@ -170,7 +173,7 @@ void bind(py::module_& m) {
              s.label = std::move(label);
              return s;
            }),
-           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("output"), py::arg("node"), py::arg("sum"),
+           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("output"), py::arg("node"), py::arg("arith"),
            py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"), py::arg("params"), py::arg("probes"),
            py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
 

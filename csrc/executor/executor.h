@@ -72,7 +72,7 @@ using LossCallback = std::function<at::Tensor(const at::Tensor&, int64_t)>;
 
 enum class Kind {
   Linear, Conv, BatchNorm, ReLU, GELU, Tanh, Sigmoid, SiLU, LeakyReLU, ELU, Softplus, Hardtanh, Mish,
-  Hardswish, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Identity, Sequential, Residual, Callback
+  Hardswish, Hardsigmoid, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Identity, Sequential, Residual, Callback
 };
 
 // One lowered module. `tensors` are the module's own parameter/buffer tensors (not copies: an

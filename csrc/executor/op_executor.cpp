@@ -48,8 +48,9 @@ OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t ou
     TORCH_CHECK(s.output > 0 && s.output < num_values_, "hzo op executor: ", s.label, ": output slot out of range");
     TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
     TORCH_CHECK(!s.inputs.empty(), "hzo op executor: ", s.label, " has no input");
-    TORCH_CHECK(!s.sum || s.inputs.size() == 2, "hzo op executor: ", s.label, ": a sum takes two inputs");
-    TORCH_CHECK(s.sum || s.call || s.inputs.size() == 1, "hzo op executor: ", s.label,
+    TORCH_CHECK(s.arith == Arith::None || s.inputs.size() == 2, "hzo op executor: ", s.label,
+                ": arithmetic takes two inputs");
+    TORCH_CHECK(s.arith != Arith::None || s.call || s.inputs.size() == 1, "hzo op executor: ", s.label,
                 ": several inputs need a callback");
     TORCH_CHECK(s.mode != OpMode::Probed || s.probes.size() == s.inputs.size(), "hzo op executor: ", s.label,
                 ": one probe spec per input");
@@ -72,7 +73,12 @@ void OpExecutor::release() {
 }
 
 at::Tensor OpExecutor::run(const OpStep& s, const std::vector<at::Tensor>& ins, RunCounts& counts) const {
-  if (s.sum) return ins[0] + ins[1];
+  switch (s.arith) {
+    case Arith::Add: return ins[0] + ins[1];
+    case Arith::Sub: return ins[0] - ins[1];
+    case Arith::Mul: return ins[0] * ins[1];
+    case Arith::None: break;
+  }
   if (s.call) {
     ++counts.python_calls;
     return s.call(ins);

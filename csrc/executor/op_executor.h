@@ -24,6 +24,8 @@ namespace hzo::exec {
 using OpCallback = std::function<at::Tensor(const std::vector<at::Tensor>&)>;
 
 enum class OpMode { Affine, Elementwise, ElementwiseCall, Probed };
+// Elementwise arithmetic between two values, run natively.
+enum class Arith { None, Add, Sub, Mul };
 
 // How one input of a probed op is probed: its colors, chunks of probe ids, SPP geometry (dense
 // when unset).
@@ -40,7 +42,7 @@ struct OpStep {
   std::vector<bool> wants;      // per input: it needs a target (not x)
   int64_t output = 0;           // its value slot
   Node node;                    // one input: the lowered op (native or a Callback node)
-  bool sum = false;             // two inputs: inputs[0] + inputs[1]
+  Arith arith = Arith::None;    // two inputs: inputs[0] + - * inputs[1]
   OpCallback call;              // several inputs, when set
   int64_t act = 0;              // Elementwise: the fused kernel's code, settings
   double alpha = 0, beta = 0;

@@ -19,7 +19,8 @@ const std::unordered_map<std::string, Kind>& kinds() {
       {"relu", Kind::ReLU},           {"gelu", Kind::GELU},           {"tanh", Kind::Tanh},
       {"sigmoid", Kind::Sigmoid},     {"silu", Kind::SiLU},           {"leaky_relu", Kind::LeakyReLU},
       {"elu", Kind::ELU},             {"softplus", Kind::Softplus},   {"hardtanh", Kind::Hardtanh},
-      {"mish", Kind::Mish},           {"hardswish", Kind::Hardswish}, {"max_pool", Kind::MaxPool},
+      {"mish", Kind::Mish},           {"hardswish", Kind::Hardswish}, {"hardsigmoid", Kind::Hardsigmoid},
+      {"max_pool", Kind::MaxPool},
       {"avg_pool", Kind::AvgPool},    {"adaptive_avg_pool", Kind::AdaptiveAvgPool},
       {"flatten", Kind::Flatten},     {"identity", Kind::Identity},   {"seq", Kind::Sequential},
       {"residual", Kind::Residual},   {"callback", Kind::Callback}};
@@ -89,6 +90,7 @@ Node Node::make(const std::string& kind, std::vector<at::Tensor> tensors, const 
     case Kind::SiLU:
     case Kind::Mish:
     case Kind::Hardswish:
+    case Kind::Hardsigmoid:
     case Kind::Identity:
     case Kind::LeakyReLU:
     case Kind::ELU:
@@ -166,7 +168,7 @@ bool Node::explicit_vjp() const {
     case Kind::Flatten:
       return true;
     case Kind::ReLU: case Kind::SiLU: case Kind::LeakyReLU: case Kind::ELU: case Kind::Softplus:
-    case Kind::Hardtanh: case Kind::Mish: case Kind::Hardswish:
+    case Kind::Hardtanh: case Kind::Mish: case Kind::Hardswish: case Kind::Hardsigmoid:
       return !inplace;  // an in-place activation overwrites the input its backward needs
     case Kind::Sequential:
     case Kind::Residual:
@@ -249,6 +251,7 @@ at::Tensor Node::backward(const at::Tensor& g, std::vector<at::Tensor>& tape, bo
     case Kind::Hardtanh: return at::hardtanh_backward(g, x, p0, p1);
     case Kind::Mish: return at::mish_backward(g, x);
     case Kind::Hardswish: return at::hardswish_backward(g, x);
+    case Kind::Hardsigmoid: return at::hardsigmoid_backward(g, x);
     default:
       TORCH_CHECK(false, "hzo executor: no explicit VJP for this node");
   }
@@ -322,6 +325,7 @@ at::Tensor Node::compute(const at::Tensor& x, RunCounts& run) const {
     case Kind::Hardtanh: return in_place ? at::hardtanh_(self, p0, p1) : at::hardtanh(x, p0, p1);
     case Kind::Mish: return in_place ? at::mish_(self) : at::mish(x);
     case Kind::Hardswish: return in_place ? at::hardswish_(self) : at::hardswish(x);
+    case Kind::Hardsigmoid: return in_place ? at::hardsigmoid_(self) : at::hardsigmoid(x);
     case Kind::MaxPool:
       return nd == 1 ? at::max_pool1d(x, kernel, stride, padding, dilation, ceil_mode)
                      : at::max_pool2d(x, kernel, stride, padding, dilation, ceil_mode);
@@ -361,6 +365,7 @@ bool Node::stackable_with(const Node& o) const {
              tensors[0].scalar_type() == o.tensors[0].scalar_type();
     case Kind::ReLU: case Kind::GELU: case Kind::Tanh: case Kind::Sigmoid: case Kind::SiLU: case Kind::LeakyReLU:
     case Kind::ELU: case Kind::Softplus: case Kind::Hardtanh: case Kind::Mish: case Kind::Hardswish:
+    case Kind::Hardsigmoid:
     case Kind::Identity:
       return text == o.text && p0 == o.p0 && p1 == o.p1;
     case Kind::Sequential:
