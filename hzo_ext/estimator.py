@@ -282,6 +282,14 @@ def _perturbed_chunks(a: torch.Tensor, coloring, eps: float, chunk_size: int | N
         yield ids, copies
 
 
+def _bytes(n: int) -> str:
+    """n bytes in the largest unit that keeps it at 1 or more (``3.20 MiB``)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"non-finite value (inf/nan) in a query: {what}; lower eps or check the model "
@@ -604,7 +612,7 @@ class HZO(StageEstimator):
 
     def _split_coloring(self, m: int, j: int, shapes) -> spp_geometry.DenseColoring | spp_geometry.SpatialColoring:
         """The one place deciding how split (m, j] is probed: SPP coloring or dense (see ``spp``)."""
-        key = (m, j, tuple(shapes[m]), tuple(shapes[j]))
+        key = (m, j, tuple(shapes[m]), tuple(shapes[j]), self.spp)
         if key in self._colorings:
             return self._colorings[key]
         dense = spp_geometry.DenseColoring(math.prod(shapes[m]))
@@ -730,7 +738,7 @@ class HZO(StageEstimator):
     def _op_coloring(self, step, in_shape, out_shape):
         """How input of shape in_shape of a probed op is probed: the SPP coloring of its module
         where the footprint is known and needs fewer probes, else dense."""
-        key = (step.node, in_shape, out_shape)
+        key = (step.node, in_shape, out_shape, self.spp)
         if key not in self._colorings:
             dense = spp_geometry.DenseColoring(math.prod(in_shape))
             chosen = dense
@@ -800,11 +808,10 @@ class HZO(StageEstimator):
         plan = Plan("auto (op-level chain)", B, tuple(s or () for s in shapes), item, self.chunk_size,
                     tuple((sp,) for sp in splits), tuple(names), stored)
         if plan.predicted_peak_bytes > budget:
-            gib = 1 / 2**30
-            raise MemoryError(f"the estimate is predicted to need {plan.predicted_peak_bytes * gib:.2f} GiB "
-                              f"(stored values {stored * gib:.2f} GiB + the largest split "
-                              f"{plan.peak_query_bytes * gib:.2f} GiB) beyond the model, over the memory budget of "
-                              f"{budget * gib:.2f} GiB; lower the batch size, pass chunk_size, or raise memory_budget")
+            raise MemoryError(f"the estimate is predicted to need {_bytes(plan.predicted_peak_bytes)} (stored values "
+                              f"{_bytes(stored)} + the largest split {_bytes(plan.peak_query_bytes)}) beyond the "
+                              f"model, over the memory budget of {_bytes(budget)}; lower the batch size, pass "
+                              f"chunk_size, or raise memory_budget")
         return plan, chunk_of
 
     def _backward_ops(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -812,8 +819,11 @@ class HZO(StageEstimator):
         with nvtx_range("hzo/estimate"):
             self._prepare(x, y)
             key = (tuple(x.shape), x.dtype, x.device)
-            if key not in self._op_plans:  # refuses a plan over the memory budget before anything runs
-                self._op_plans[key] = self._ops_plan(x)
+            # the plan and its C++ lowering also hold the options (eps schedules change them)
+            plan_key = key + (self.eps, self.eps_mode, self.chunk_size, self.spp, self.memory_budget)
+            if plan_key not in self._op_plans:  # refuses a plan over the memory budget before anything runs
+                self._op_plans[plan_key] = self._ops_plan(x)
+            chunks = self._op_plans[plan_key][1]
             prog = self._ops
             first = self.check_samples and key not in self._dynamic_checked
             if first:  # before the clean forward, so its memory is free again when that runs
@@ -831,11 +841,10 @@ class HZO(StageEstimator):
                     del clean
                     model = self.model if isinstance(self.model, nn.Module) else nn.Sequential(*self.model)
                     model_out = model(x.clone())  # the model's own forward, not a trace of it
-            cpp = self._op_cores.get(key, ())
-            if cpp == ():  # lowered once per input shape (None: the Python engine runs it)
-                cpp, self.executor_reason = cpp_executor.CppOps.build(self, prog, x, self._op_plans[key][1]) \
+            if plan_key not in self._op_cores:  # lowered once per input shape (None: the Python engine runs it)
+                self._op_cores[plan_key] = cpp_executor.CppOps.build(self, prog, x, chunks) \
                     if self._executor_args[0] != "python" else (None, "executor='python'")
-                self._op_cores[key] = cpp
+            cpp, self.executor_reason = self._op_cores[plan_key]
             self.executor = "python" if cpp is None else "cpp"
             env, local = prog.forward(x) if cpp is None else (cpp.forward(x), None)
             logits = env[prog.traced.out]
@@ -860,14 +869,21 @@ class HZO(StageEstimator):
                 delta = self._loss_head(logits, y)
             if cpp is not None:
                 out = cpp.targets(self, delta)
-                if out["failure"] >= 0:  # the Python engine names the op and input (and raises)
-                    env, local = prog.forward(x)
-                    opengine.OpRun(self, prog, self._op_plans[key][1]).targets(env, local, delta)
-                    raise ValueError(f"non-finite value (inf/nan) in a query of op {out['failure'] + 1}")
+                if out["failure"] >= 0:  # the Python engine names the op and its input, writing nothing
+                    grads = [(p, p.grad) for p in self.model.parameters()] if isinstance(self.model, nn.Module) \
+                        else []
+                    try:
+                        env, local = prog.forward(x)
+                        opengine.OpRun(self, prog, chunks).targets(env, local, delta)
+                    finally:
+                        for p, g in grads:
+                            p.grad = g
+                    raise ValueError(f"non-finite value (inf/nan) in a query of {cpp.labels[out['failure']]} "
+                                     f"(the C++ engine); lower eps or check the model (overflow)")
                 for k in ("probes", "fd_layer_evals", "splits"):
                     setattr(self.last_stats, k, getattr(self.last_stats, k) + out[k])
                 self.last_stats.forward_calls = out["python_calls"]  # as the stage-wise C++ executor counts
             else:
-                opengine.OpRun(self, prog, self._op_plans[key][1]).targets(env, local, delta)
+                opengine.OpRun(self, prog, chunks).targets(env, local, delta)
         self.last_stats.seconds = time.perf_counter() - t0
         return loss.detach()

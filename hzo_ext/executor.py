@@ -293,6 +293,7 @@ class CppExecutor:
         self.est = est
         self.fast = fast
         self._low = None  # see _lower
+        self._options = None  # see _read_options
         self._plans: dict = {}
         self.last_outcome: dict = {}  # the C++ side's counts of the last estimate (folded, stacked, ...)
 
@@ -309,8 +310,14 @@ class CppExecutor:
         core = _C.Executor(nodes, params, kind, weight, ignore, smoothing, reduction, est.eps,
                            est.eps_mode == "relative", est.chunk_size, self.fast)
         self._low = (core, _state(watch), python_stages, [p[0] for p in params if p])
+        self._options = self._read_options()
         self._plans.clear()
         return self._low
+
+    def _read_options(self) -> tuple:
+        """The estimator's options the lowering and the plans were made with (eps schedules change them)."""
+        est = self.est
+        return est.eps, est.eps_mode, est.chunk_size, est.spp, est._stage_split
 
     def _plan(self, core, x, acts):
         from . import _C
@@ -346,7 +353,7 @@ class CppExecutor:
         for its message, only when something is wrong) and the static check only for stages
         that run in Python (the lowering's state covers the others' modes)."""
         est = self.est
-        if self._low is None or not _same_state(self._low[1]):
+        if self._low is None or not _same_state(self._low[1]) or self._options != self._read_options():
             check_batch(x, y, est.stages)
             check_stages_static(est.stages)
             return self._lower()
@@ -448,14 +455,16 @@ class CppOps:
     probed as the registry says (``opengine.OpRun`` is the same algorithm in Python). ``build``
     returns None, with the reason, where the C++ engine cannot run the program."""
 
-    def __init__(self, core, program, slots: dict, consts: dict, fixed: dict):
+    def __init__(self, core, program, slots: dict, consts: dict, fixed: dict, labels: list):
         self.core, self.program, self.slots, self.consts, self.fixed = core, program, slots, consts, fixed
+        self.labels = labels  # of the C++ steps, in order
 
     @staticmethod
     def build(est, program, x: torch.Tensor, chunks: dict):
         """(CppOps or None, why not)."""
         from . import _C
         from .numerics import probe_dtype
+        from . import opengine
         from .opengine import fused_elementwise
         from .spp import SpatialColoring
         why = ops_unsupported(est, program)
@@ -466,34 +475,32 @@ class CppOps:
         with torch.no_grad():  # what each op takes and gives, and the sizes (x.size(0)) for this shape
             env, _ = program.forward(x.clone(), keep_vjp=False)
         t = program.traced
-        # Sizes, and values computed from sizes only (torch.zeros(x.size(0), 5)): fixed for the shape.
-        fixed = {}
-        for s in program.steps:
-            if s.node in t.meta or all(a in fixed or a in t.meta for a in s.inputs):
-                fixed[s.node] = env[s.node]
-        if t.out in fixed:
-            return None, "the output depends on the input's shape only"
+        # Sizes (x.size(0), x.shape): fixed for the input shape; values made from them are ops
+        # (torch.zeros(x.size(0), 5) is a callback with no tensor input, run on every estimate).
+        fixed = {s.node: env[s.node] for s in program.steps
+                 if s.node in t.meta and not isinstance(env[s.node], torch.Tensor)}
+        B = x.shape[0]
         slots = {t.x: 0}
         for s in program.steps:
             if s.node not in fixed:
                 slots[s.node] = len(slots)
         consts: dict = {}  # refreshed per estimate (parameters change between calls), plus `fixed`
-        steps = []
+        steps, labels = [], []
         for s in program.steps:
             n, out = s.node, env[s.node]
             if n in fixed:
                 continue
-            if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
-                return None, f"op {s.index} ({s.label}) gives a {type(out).__name__}, not a floating tensor"
+            if not isinstance(out, torch.Tensor):
+                return None, f"op {s.index} ({s.label}) gives a {type(out).__name__}, not a tensor"
             inputs = [a for a in s.inputs if a not in fixed]
             ins = [env[a] for a in inputs]
             if not all(isinstance(v, torch.Tensor) for v in ins):
                 return None, f"op {s.index} ({s.label}) takes a tuple of tensors"
-            wants = [a is not t.x and v.is_floating_point() for a, v in zip(inputs, ins)]
+            wants = [a is not t.x and opengine.has_target(v) for a, v in zip(inputs, ins)]
             mode, act, alpha, beta = "probed", 0, 0.0, 0.0
             if s.entry.kind == "affine":
                 mode = "affine"
-            elif fused_elementwise(s, est.spp):
+            elif fused_elementwise(s, est.spp) and inputs:
                 mode = "elementwise_call"
                 if s.entry.kernel is not None:
                     mode = "elementwise"
@@ -503,6 +510,8 @@ class CppOps:
                 arith = BINARY.get(n.target, "")
             if not arith:
                 node, call = CppOps._lowered(program, s, inputs, consts)
+            if mode == "probed" and any(w and not opengine.batched(v, B) for v, w in zip(ins, wants)):
+                return None, f"op {s.index} ({s.label}) is probed on a tensor shared by the samples (Python)"
             probes = []
             for a, v, w in zip(inputs, ins, wants):
                 if mode != "probed" or not w:
@@ -516,8 +525,9 @@ class CppOps:
             steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, slots[n], node, arith, call, act,
                                    alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
                                    math.prod(out.shape[1:]), f"op {s.index} ({s.label})"))
+            labels.append(f"op {s.index} ({s.label})")
         core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")
-        return CppOps(core, program, slots, consts, fixed), None
+        return CppOps(core, program, slots, consts, fixed, labels), None
 
     @staticmethod
     def _lowered(program, s, inputs: list, consts: dict):

@@ -31,6 +31,8 @@ _OPAQUE_ATTR = "_hzo_opaque"
 # Node results that are not tensors (sizes, dims): such a value never makes a cut.
 _META_METHODS = {"size", "dim", "numel", "stride", "nelement", "ndimension", "is_contiguous", "get_device"}
 _META_FUNCTIONS = {getattr, len, operator.getitem, torch.numel}
+# Attributes that are sizes or settings of a tensor (x.mT, x.T, x.real are tensors: not meta).
+_META_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
 
 
 def opaque(module: nn.Module) -> nn.Module:
@@ -78,7 +80,8 @@ class ModelWatch:
     """What a model's stages, their geometry and their lowering were made from, read again
     cheaply on every call: the identity of every module's parameters, buffers and children (a
     replaced or appended module, a replaced parameter or buffer), the parameters' shapes and
-    requires_grad, every module's number of forward hooks, and the plain settings (stride,
+    requires_grad, every module's number of forward hooks, its class and any forward set on the
+    instance, and the plain settings (stride,
     negative_slope, training, ...) of torch modules and of the modules in ``traced`` (those
     torch.fx traced through: it bakes their ``self.scale`` or ``self.use_act`` into the graph;
     other modules run their own Python, which reads their attributes anew). In-place updates
@@ -100,7 +103,8 @@ class ModelWatch:
         values = itertools.chain.from_iterable(map(dict.values, self._dicts))
         return (list(map(id, self._tops)), list(map(id, values)), [p.shape for p in self._params],
                 [p.requires_grad for p in self._params], [d.get(k) for d, k in self._settings],
-                [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._mods])
+                [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._mods],
+                [(type(m), m.__dict__.get("forward")) for m in self._mods])  # a patched class or forward
 
     def changed(self) -> bool:
         return self._read() != self._seen
@@ -170,6 +174,8 @@ def _is_meta(node: fx.Node, meta: set) -> bool:
     """The node's value is a size, a dim or another non-tensor derived from shapes."""
     if node.op == "call_method" and node.target in _META_METHODS:
         return True
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _META_ATTRS
     if node.op == "call_function" and node.target in _META_FUNCTIONS:
         return node.target is not operator.getitem or any(a in meta for a in node.all_input_nodes)
     return False

@@ -256,11 +256,17 @@ def _pairs(out, t) -> list:
             if isinstance(o, torch.Tensor) and o.requires_grad and isinstance(ti, torch.Tensor)]
 
 
-def _has_target(v) -> bool:
+def has_target(v) -> bool:
     """A floating tensor, or a tuple of them (masks, indices, sizes and bools have no target)."""
     if isinstance(v, torch.Tensor):
         return v.is_floating_point()
     return isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in v)
+
+
+def batched(v, batch: int) -> bool:
+    """A tensor with the batch dimension first (not one made from sizes, shared by the samples:
+    torch.arange(x.size(1)), a position table sliced to the sequence length)."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
 
 
 def _flat(v):
@@ -308,6 +314,7 @@ class OpRun:
         """Walk the ops from the output back, probing each; then accumulate p.grad (only when
         every target is finite)."""
         p, est = self.p, self.est
+        B = env[p.traced.x].shape[0]
         targets = {p.traced.out: delta_out}
         finite = []  # (op, input, all finite?) flags, read once at the end: no device sync per op
         for s in reversed(p.steps):
@@ -318,13 +325,14 @@ class OpRun:
             if isinstance(env[s.node], (tuple, list)):  # elements nobody read: zero targets
                 t = [torch.zeros_like(o) if ti is None and isinstance(o, torch.Tensor) else ti
                      for o, ti in zip(env[s.node], t)]
-            wanted = [a for a in s.inputs if a is not p.traced.x and _has_target(env[a])]
+            wanted = [a for a in s.inputs if a is not p.traced.x and has_target(env[a])]
             if s.entry.kind == "affine":
                 got = self._fold(s, local.pop(s.node), t, wanted)
             elif fused_elementwise(s, est.spp) and wanted:
                 got = [(wanted[0], None, self._probe_elementwise(s, env, t))]
             else:
-                got = [(a, None, self._probe(s, env, a, t)) for a in wanted]
+                got = [(a, None, self._probe(s, env, a, t) if batched(env[a], B) else self._probe_shared(s, env, a, t))
+                       for a in wanted]
                 self._probed_leaf(s, env, local.pop(s.node, None), t)
             for a, i, g in got:  # a's target gains g (element i of a tuple-valued a)
                 finite.append((s, a, torch.isfinite(g).all()))
@@ -402,9 +410,10 @@ class OpRun:
 
         def run_right(z: torch.Tensor, copies: int) -> torch.Tensor:
             swap = {a_node: z}
-            for b in others:
+            for b in others:  # repeated along the batch (a tensor made from sizes only as it is)
                 v = env[b]
-                swap[b] = q(v).repeat(copies, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
+                swap[b] = q(v).repeat(copies, *([1] * (v.dim() - 1))) \
+                    if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == a.shape[0] else v
             args, kwargs = self.p._args(s.node, env, swap)
             y = self.p._call(s.node, args, kwargs, self._qmodule(s))
             self.stats.forward_calls += 1
@@ -417,6 +426,26 @@ class OpRun:
         delta = probe_targets(run_right, a_q, tq, eps, chunk, coloring, what=s.label, nvtx=f"hzo/op{s.index}")
         self._count(coloring.num_colors, 2 * coloring.num_colors)
         return delta
+
+    def _probe_shared(self, s: OpStep, env, a_node, t):
+        """Target of an input shared by the samples (no batch dimension): one coordinate at a
+        time, +-eps through the op on the whole batch, contracted over every sample."""
+        est, q = self.est, self.est._qcast
+        a = q(env[a_node])
+        eps, flat_t = est._step(a), torch.cat([q(ti).reshape(-1) for ti in _tensors(t)])
+        g = torch.zeros(a.numel(), dtype=a.dtype, device=a.device)
+        for k in range(a.numel()):
+            ys = []
+            for sign in (1, -1):
+                moved = a.clone()
+                moved.view(-1)[k] += sign * eps
+                args, kwargs = self.p._args(s.node, env, {a_node: moved})
+                ys.append(torch.cat([o.reshape(-1) for o in _tensors(self.p._call(s.node, args, kwargs,
+                                                                                   self._qmodule(s)))]))
+            g[k] = ((ys[0] - ys[1]) * flat_t).sum() / (2 * eps)
+        self.stats.forward_calls += 2 * a.numel()
+        self._count(a.numel(), 2 * a.numel())
+        return g.view_as(a)
 
     def _probed_leaf(self, s: OpStep, env, saved, t) -> None:
         if not s.params:

@@ -122,24 +122,30 @@ def _run(stages, state: tuple, m: int, j: int) -> tuple:
     return state
 
 
-def _differences(fn, a: torch.Tensor, eps: float):
-    """fn(a + eps e_k) - fn(a - eps e_k) for every coordinate k of a (all samples' coordinates:
-    the oracle needs no batch layout); the 2N copies run under vmap, so fn sees a's shape."""
+def _differences(fn, tensors: dict, slot, eps: float):
+    """fn(moved) - fn(moved') for every coordinate k of tensors[slot] moved by +eps and by -eps
+    (all samples' coordinates: the oracle needs no batch layout). The 2N copies run under vmap,
+    so fn sees the tensors' own shapes; every tensor is a (broadcast) copy per query, so in-place
+    ops inside fn write into their own query's values."""
+    a = tensors[slot]
     N = a.numel()
     e = eps * torch.eye(N, dtype=a.dtype, device=a.device).view(N, *a.shape)
-    ys = torch.func.vmap(fn)(torch.cat([a + e, a - e]))
+    copies = {s: torch.cat([a + e, a - e]) if s == slot else u.expand(2 * N, *u.shape) for s, u in tensors.items()}
+    ys = torch.func.vmap(fn)(copies)
     return {s: y[:N] - y[N:] for s, y in ys.items()}  # [N, *shape of the output]
 
 
 def _probe(stages, a_m: tuple, delta_j: dict, m: int, j: int, eps: float) -> dict:
     """delta_m = J^T delta_j, J = d a_j / d a_m, one coordinate of one tensor of a_m at a time."""
     delta_m = {}
-    for slot, a in _slots(a_m).items():
-        def right(moved, slot=slot):
-            out = _slots(_run(stages, _map(a_m, lambda s, u: moved if s == slot else u), m, j))
-            return {s: out[s] for s in delta_j}
+    tensors = _slots(a_m)
 
-        diff = _differences(right, a, eps)
+    def right(copy: dict) -> dict:
+        out = _slots(_run(stages, _map(a_m, lambda s, u: copy[s] if s in copy else u), m, j))
+        return {s: out[s] for s in delta_j}
+
+    for slot, a in tensors.items():
+        diff = _differences(right, tensors, slot, eps)
         g = sum(diff[s].reshape(a.numel(), -1) @ d.reshape(-1) for s, d in delta_j.items())
         delta_m[slot] = (g / (2 * eps)).reshape(a.shape)
     return delta_m
@@ -183,7 +189,7 @@ def grads(stages: list[Stage], loss_fn, x: torch.Tensor, y: torch.Tensor, eps: f
         for l in range(L):
             acts.append(_run(stages, acts[-1], l, l + 1))
         z = acts[L][0]
-        diff = _differences(lambda zk: {0: head.total(zk, y)}, z, eps)[0]
+        diff = _differences(lambda zs: {0: head.total(zs[0], y)}, {0: z}, 0, eps)[0]
         deltas = {L: {(0, None): (diff / (2 * eps)).reshape(z.shape)}}
 
         def split_range(i: int, j: int) -> None:

@@ -215,8 +215,10 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
 
 
 def is_stock(mod: nn.Module, cls: type, *methods: str) -> bool:
-    """mod runs cls's own forward (and the named helper methods): no subclass override."""
-    return all(getattr(type(mod), m) is getattr(cls, m) for m in ("forward",) + methods)
+    """mod runs cls's own forward (and the named helper methods): no subclass override, no
+    forward set on the instance."""
+    return "forward" not in mod.__dict__ and all(getattr(type(mod), m) is getattr(cls, m)
+                                                 for m in ("forward",) + methods)
 
 
 def _tup(v, nd: int) -> list[int]:
@@ -227,6 +229,8 @@ def _tup(v, nd: int) -> list[int]:
 def lowering(mod: nn.Module) -> tuple | None:
     """(kind, tensors, ints, floats, text) of the ExecNode calling the ATen op ``mod``'s forward
     calls, with the module's own tensors (an optimizer's updates are seen), or None."""
+    if "forward" in mod.__dict__:  # a forward set on the instance runs in Python
+        return None
     if is_stock(mod, nn.Linear):
         return "linear", [mod.weight, mod.bias], [], [], ""
     for cls, nd in _CONVS.items():

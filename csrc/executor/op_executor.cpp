@@ -32,8 +32,10 @@ at::Tensor perturb_op(const at::Tensor& a, const at::Tensor& colors, const at::T
 
 void add_to(at::Tensor& acc, const at::Tensor& g) { acc = acc.defined() ? acc + g : g; }
 
-// [n * B, ...] copies of a clean input that is not perturbed: repeated along the batch.
-at::Tensor repeated(const at::Tensor& v, int64_t n) {
+// [n * B, ...] copies of a clean input that is not perturbed: repeated along the batch (a
+// tensor without the batch dimension, made from sizes only, is passed as it is).
+at::Tensor repeated(const at::Tensor& v, int64_t n, int64_t B) {
+  if (v.dim() == 0 || v.size(0) != B) return v;
   std::vector<int64_t> reps(v.dim(), 1);
   reps[0] = n;
   return v.repeat(reps);
@@ -47,7 +49,7 @@ OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t ou
   for (const auto& s : steps_) {
     TORCH_CHECK(s.output > 0 && s.output < num_values_, "hzo op executor: ", s.label, ": output slot out of range");
     TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
-    TORCH_CHECK(!s.inputs.empty(), "hzo op executor: ", s.label, " has no input");
+    TORCH_CHECK(!s.inputs.empty() || s.call, "hzo op executor: ", s.label, " has no input and no callback");
     TORCH_CHECK(s.arith == Arith::None || s.inputs.size() == 2, "hzo op executor: ", s.label,
                 ": arithmetic takes two inputs");
     TORCH_CHECK(s.arith != Arith::None || s.call || s.inputs.size() == 1, "hzo op executor: ", s.label,
@@ -132,7 +134,7 @@ at::Tensor OpExecutor::probe(const OpStep& s, size_t k, const at::Tensor& target
     std::vector<at::Tensor> ins;
     for (size_t q = 0; q < s.inputs.size(); ++q) {
       ins.push_back(q == k ? perturb_op(a, p.colors, c.ids, eps).reshape(rows)  // [2KB, *S]
-                           : repeated(values_[s.inputs[q]], 2 * K));
+                           : repeated(values_[s.inputs[q]], 2 * K, B));
     }
     const at::Tensor y = run(s, ins, counts);
     ++out.forward_calls;
@@ -182,7 +184,7 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
         out.fd_layer_evals += 2 * n_in;
       }
     } else if (s.mode == OpMode::Elementwise || s.mode == OpMode::ElementwiseCall) {
-      if (s.wants[0]) {
+      if (!s.wants.empty() && s.wants[0]) {
         const at::Tensor& a = values_[s.inputs[0]];
         const double eps = step(a);
         if (s.mode == OpMode::Elementwise) {

@@ -38,8 +38,9 @@ struct InputProbe {
 
 struct OpStep {
   OpMode mode = OpMode::Probed;
-  std::vector<int64_t> inputs;  // value slots of its x-dependent inputs (slot 0: x)
-  std::vector<bool> wants;      // per input: it needs a target (not x)
+  std::vector<int64_t> inputs;  // value slots of its x-dependent tensor inputs (slot 0: x); none
+                                // for a callback reading sizes only (torch.zeros(x.size(0), 5))
+  std::vector<bool> wants;      // per input: it needs a target (not x, floating, batch first)
   int64_t output = 0;           // its value slot
   Node node;                    // one input: the lowered op (native or a Callback node)
   Arith arith = Arith::None;    // two inputs: inputs[0] + - * inputs[1]
