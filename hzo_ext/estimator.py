@@ -563,8 +563,9 @@ class HZO(StageEstimator):
         self._colorings: dict = {}  # (m, j, S_m, S_j) -> the coloring split (m, j] is probed with
         self._barriers: dict = {}  # activation shapes -> the barrier stages (_split_policy)
         self._spp_warned: set = set()
-        self._op_plans: dict = {}  # (shape, dtype, device) of x -> (op-level plan, probed op -> chunk size)
-        self._op_cores: dict = {}  # (shape, dtype, device) of x -> executor.CppOps, or None (Python)
+        # (shape, dtype, device) of x and the options -> (op-level plan, probed op -> chunk size)
+        self._op_plans: dict = {}
+        self._op_cores: dict = {}  # the same keys -> (executor.CppOps or None: Python, executor_reason)
         self.executor_reason = None  # why the op-level engine ran in Python (None: it ran in C++)
         self._executor_args = (executor, fast)
         self._select_engine()

@@ -462,10 +462,8 @@ class CppOps:
     @staticmethod
     def build(est, program, x: torch.Tensor, chunks: dict):
         """(CppOps or None, why not)."""
-        from . import _C
+        from . import _C, opengine
         from .numerics import probe_dtype
-        from . import opengine
-        from .opengine import fused_elementwise
         from .spp import SpatialColoring
         why = ops_unsupported(est, program)
         if why is None and probe_dtype(x.dtype, est.query_dtype) is not None:
@@ -500,7 +498,7 @@ class CppOps:
             mode, act, alpha, beta = "probed", 0, 0.0, 0.0
             if s.entry.kind == "affine":
                 mode = "affine"
-            elif fused_elementwise(s, est.spp) and inputs:
+            elif opengine.fused_elementwise(s, est.spp) and inputs:
                 mode = "elementwise_call"
                 if s.entry.kernel is not None:
                     mode = "elementwise"
@@ -550,12 +548,17 @@ class CppOps:
         self.consts.clear()
         self.consts.update(self.program.constants())
         self.consts.update(self.fixed)
-        values = self.core.forward(x)
+        try:
+            values = self.core.forward(x)
+        except Exception:
+            self.program.forward(x)  # raises the Python engine's error, naming the op
+            raise
         return {**self.fixed, **{n: values[k] for n, k in self.slots.items()}}
 
     def targets(self, est, delta_out: torch.Tensor) -> dict:
         """Every target and the leaves in C++; accumulates p.grad when all is finite. Returns the
-        C++ side's counts, or raises (the caller reruns the Python engine to name the op)."""
+        C++ side's counts and ``failure``: the index of the C++ step (``labels``) whose query gave
+        inf/nan, nearest the output, or -1."""
         out = self.core.targets(delta_out)
         self.core.release()
         if out["failure"] < 0:

@@ -16,10 +16,8 @@
 
 namespace hzo::exec {
 
-namespace {
-
 // The ops are called below the Autograd dispatch key: their autograd formulas are registered
-// from Python (hzo_ext/ops.py), and the executor never differentiates through them.
+// from Python (hzo_ext/ops.py), and the executors never differentiate through them.
 at::Tensor perturb_op(const at::Tensor& a, const at::Tensor& colors, const at::Tensor& ids, double eps) {
   at::AutoDispatchBelowAutograd below_autograd;
   static const auto op = c10::Dispatcher::singleton()
@@ -27,6 +25,8 @@ at::Tensor perturb_op(const at::Tensor& a, const at::Tensor& colors, const at::T
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   return op.call(a, colors, ids, eps);
 }
+
+namespace {
 
 at::Tensor contract_sized_op(const at::Tensor& y, const at::Tensor& target, const at::Tensor& owner, double eps,
                              int64_t num_inputs) {

@@ -237,6 +237,9 @@ class Executor {
   NvtxSpan estimate_range_;  // hzo/estimate: from the clean forward to the leaves
 };
 
+// hzo_ext::perturb through the dispatcher (below autograd): the +-eps copies [2, K, B, *S].
+at::Tensor perturb_op(const at::Tensor& a, const at::Tensor& colors, const at::Tensor& ids, double eps);
+
 // The owner map of dense probes ids [K]: [K, num_outputs], row k all ids[k] (ops.dense_owner).
 at::Tensor dense_owner(const at::Tensor& ids, int64_t num_outputs);
 

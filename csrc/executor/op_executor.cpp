@@ -22,14 +22,6 @@ at::Tensor probe_elementwise_op(const at::Tensor& z, const at::Tensor& target, d
   return op.call(z, target, eps, act, alpha, beta);
 }
 
-at::Tensor perturb_op(const at::Tensor& a, const at::Tensor& colors, const at::Tensor& ids, double eps) {
-  at::AutoDispatchBelowAutograd below_autograd;
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("hzo_ext::perturb", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(a, colors, ids, eps);
-}
-
 void add_to(at::Tensor& acc, const at::Tensor& g) { acc = acc.defined() ? acc + g : g; }
 
 // [n * B, ...] copies of a clean input that is not perturbed: repeated along the batch (a
