@@ -136,7 +136,8 @@ for _c in (operator.add, operator.iadd, operator.sub, operator.isub, operator.ne
            F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout, F.pad,
            torch.unbind, torch.chunk, torch.split, "unbind", "chunk", "split",
            "add", "add_", "sub", "sub_", "mul", "mul_", "neg", "matmul", "flatten", "view", "reshape", "permute",
-           "transpose", "contiguous", "clone", "unsqueeze", "squeeze", "mean", "sum", "expand", "expand_as"):
+           "transpose", "contiguous", "clone", "unsqueeze", "squeeze", "mean", "sum", "expand", "expand_as",
+           "float", "double", "half", "bfloat16", "to", "type_as"):  # casts: the VJP casts the target back
     _CALLS[_c] = _AFFINE
 for _c in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
     _CALLS[_c] = OpEntry("affine", affine_args=(0,))  # a / b is affine in a only

@@ -673,3 +673,25 @@ def test_forward_replaced_after_construction_is_seen(change):
     torch.testing.assert_close(est.backward(x, y), LOSS(model(x), y))
     cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
     assert min(cos.values()) >= 0.9999, cos
+
+
+def test_casts_inside_a_float64_model_fold():
+    """x.float() / .double() are affine (their VJP casts the target back): a probed op between
+    them sees a target of its own dtype (was a dtype error from contract naming no op)."""
+    class Casts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.o = nn.Linear(6, 6), nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.o(torch.sin(self.l(x).float()).double())
+
+    torch.manual_seed(0)
+    model = Casts().double()
+    x, y = batch()
+    ref = hzo_ext.reference_named_grads(model, LOSS, x, y)
+    for executor in ("auto", "python"):
+        model.zero_grad(set_to_none=True)
+        hzo_ext.HZO(model, LOSS, executor=executor).backward(x, y)
+        cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
+        assert min(cos.values()) >= 0.9999, (executor, cos)  # float32 inside: float32 accuracy
