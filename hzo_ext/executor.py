@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import _ext
-from .registry import BINARY, SUMS, is_stock as _stock, lowering, module_for_call
+from .registry import SUMS, binary_kind, is_stock as _stock, lowering, module_for_call
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
 __all__ = ["unsupported_option", "select", "CppExecutor", "lower"]
@@ -439,19 +439,11 @@ def ops_unsupported(est, program) -> str | None:
     return None
 
 
-def _hashable(v) -> bool:
-    try:
-        hash(v)
-    except TypeError:
-        return False
-    return True
-
-
 class CppOps:
     """The op-level engine's estimates in C++ (``_C.OpExecutor``, csrc/executor/op_executor.*) for
     one input shape. Every op of ``program`` is lowered here: the ATen op of a standard module
     or of a call the registry maps to one (``_node``), arithmetic between two values
-    (``registry.BINARY``), else a Python callback on copies of the op's tensor inputs; it is
+    (``registry.binary_kind``), else a Python callback on copies of the op's tensor inputs; it is
     probed as the registry says (``opengine.OpRun`` is the same algorithm in Python). ``build``
     returns None, with the reason, where the C++ engine cannot run the program."""
 
@@ -504,8 +496,8 @@ class CppOps:
                     mode = "elementwise"
                     act, alpha, beta = s.entry.kernel(s.module)
             node, call, arith = None, None, ""
-            if len(inputs) == 2 and list(n.args) == inputs and not n.kwargs and _hashable(n.target):
-                arith = BINARY.get(n.target, "")
+            if len(inputs) == 2 and list(n.args) == inputs and not n.kwargs:
+                arith = binary_kind(n.target)
             if not arith:
                 node, call = CppOps._lowered(program, s, inputs, consts)
             if mode == "probed" and any(w and not opengine.batched(v, B) for v, w in zip(ins, wants)):
@@ -520,10 +512,10 @@ class CppOps:
                     coloring.colors(x.device), coloring.boxes(x.device), coloring.in_shape, coloring.geometry_out,
                     coloring.channelwise)
                 probes.append((coloring.colors(x.device), coloring.num_colors, math.prod(v.shape[1:]), spp))
+            labels.append(f"op {s.index} ({s.label})")
             steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, slots[n], node, arith, call, act,
                                    alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
-                                   math.prod(out.shape[1:]), f"op {s.index} ({s.label})"))
-            labels.append(f"op {s.index} ({s.label})")
+                                   math.prod(out.shape[1:]), labels[-1]))
         core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")
         return CppOps(core, program, slots, consts, fixed, labels), None
 

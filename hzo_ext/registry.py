@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "BINARY", "ACT_CODES", "entry_for", "is_view",
-           "register_elementwise", "module_for_call", "lowering", "is_stock"]
+           "register_elementwise", "module_for_call", "lowering", "is_stock", "binary_kind"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6,
@@ -81,6 +81,14 @@ ARITHMETIC = SUMS | {operator.sub, operator.isub, operator.mul, operator.imul, o
 # Arithmetic the C++ op-level engine runs natively between two values (a + b, a - b, a * b).
 BINARY = {**dict.fromkeys(SUMS, "add"), **dict.fromkeys((operator.sub, operator.isub, torch.sub, "sub", "sub_"), "sub"),
           **dict.fromkeys((operator.mul, operator.imul, torch.mul, "mul", "mul_"), "mul")}
+
+
+def binary_kind(target) -> str:
+    """"add", "sub" or "mul" for arithmetic between two values the C++ engine runs natively, else ""."""
+    try:
+        return BINARY.get(target, "")
+    except TypeError:  # unhashable target
+        return ""
 
 
 @dataclass(frozen=True)
