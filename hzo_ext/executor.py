@@ -439,6 +439,110 @@ def ops_unsupported(est, program) -> str | None:
     return None
 
 
+_DEFAULT = object()
+
+
+def _record(program, s, inputs: list, held: list, env: dict, values: list, item):
+    """make_fx of op s (its item ``item`` when not None) on ``values`` (its tensor inputs, then
+    the tensors ``held`` names): the ATen ops it runs for these shapes, with its parameters and
+    buffers as inputs (not baked in)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    n, k = s.node, len(inputs)
+
+    def op(*tensors):
+        if n.op == "call_module":
+            args, kwargs = program._args(n, env, dict(zip(inputs, tensors[:k])))
+            out = torch.func.functional_call(s.module, dict(zip(held, tensors[k:])), args, kwargs)
+        else:
+            out = program._call(n, *program._args(n, env, dict(zip(inputs + held, tensors))))
+        return out if item is None else out[item]
+    return make_fx(op)(*values)
+
+
+def _recordable_module(mod: nn.Module) -> bool:
+    """A torch.nn module without submodules running its own forward (not a container, not the
+    user's: those are traced into ops or are opaque)."""
+    return next(mod.children(), None) is None and type(mod).__module__.startswith("torch.nn.") and \
+        _stock(mod, type(mod)) and not _hooked(mod) and not parametrize.is_parametrized(mod) and \
+        not isinstance(mod, nn.modules.lazy.LazyModuleMixin)
+
+
+def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: bool, item=None):
+    """Op s (or item ``item`` of the tuple it gives) as a short program of ATen ops that the C++
+    executor runs through the dispatcher (autograd records it as it records the Python op):
+    ``(tensors, calls, output, clone_inputs)``
+    for ``_C.OpStep``; value k of the program is input k, then ``tensors`` (its parameters and
+    buffers), then each call's results (the tensors of a Tensor[] one by one; each call says
+    how many values there are after it). None where a recording would not be faithful: the op
+    reads a tensor computed from constants (``w.t()``: it changes with the parameters), it is a
+    module with submodules, hooks or a forward of its own, an ATen op gives a non-tensor, or
+    the op also runs on stacked copies (``on_copies``) and its recording depends on the batch
+    size (a view to ``x.size(0)`` rows, a batched matmul). Other sizes are fixed per input
+    shape, as for every lowered op."""
+    n, mod = s.node, s.module
+    if n.op == "call_module":
+        if mod is None or not _recordable_module(mod):
+            return None
+        held = [name for name, _ in itertools.chain(mod.named_parameters(), mod.named_buffers())]
+        tensors = [operator.attrgetter(name)(mod) for name in held]
+    else:
+        held = [a for a in n.all_input_nodes if a not in inputs and isinstance(env[a], torch.Tensor)]
+        if any(a.op != "get_attr" for a in held):
+            return None
+        tensors = [env[a] for a in held]
+    # as C++ runs it in the clean forward: inputs of a folded op (but for an in-place op, which
+    # C++ runs on copies of them) and parameters on autograd
+    leaves = not on_copies and not s.inplace
+    clean = [env[a].detach().requires_grad_(leaves and env[a].is_floating_point()) for a in inputs] + \
+        [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    try:
+        gm = _record(program, s, inputs, held, env, clean, item)
+        if on_copies:  # the op also runs on stacked copies of its inputs: the same ATen ops?
+            stacked = [torch.cat([v, v]).detach() if k < len(inputs) and v.dim() and v.shape[0] == batch else v
+                       for k, v in enumerate(clean)]
+            if _record(program, s, inputs, held, env, stacked, item).code != gm.code:
+                return None
+    except Exception:  # noqa: BLE001 (what make_fx cannot record stays a Python call)
+        return None
+    ref, calls, values, mutates, output = {}, [], len(clean), False, None
+
+    def arg_of(v):
+        if isinstance(v, fx.Node):
+            return ("const", getattr(gm, v.target)) if v.op == "get_attr" else ("ref", ref[v])
+        if isinstance(v, (list, tuple)) and any(isinstance(a, fx.Node) for a in v):
+            if any(isinstance(a, fx.Node) and a.op == "get_attr" for a in v):
+                raise LookupError
+            return ("refs", [-1 if a is None else ref[a] for a in v])
+        return ("const", v)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            ref[node] = len(ref)
+        elif node.op == "get_attr":
+            continue  # a constant made inside the op (torch.tensor(2.0)): passed as a constant
+        elif node.op == "call_function" and node.target is operator.getitem:
+            ref[node] = ref[node.args[0]] + node.args[1]
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            schema, val = node.target._schema, node.meta.get("val")
+            if not schema.returns or not all(isinstance(r.type, torch.TensorType) for r in schema.returns):
+                if len(schema.returns) != 1 or not isinstance(val, list):  # unbind, split: one Tensor[]
+                    return None
+            pushed = len(val) if isinstance(val, list) else len(schema.returns)
+            mutates |= schema.is_mutable
+            try:
+                args = [("default", None) if v is _DEFAULT else arg_of(v) for v in (
+                    node.args[i] if i < len(node.args) else node.kwargs.get(arg.name, _DEFAULT)
+                    for i, arg in enumerate(schema.arguments))]
+            except LookupError:
+                return None
+            ref[node], values = values, values + pushed
+            calls.append((schema.name, schema.overload_name, args, values))
+        elif node.op == "output" and isinstance(node.args[0], fx.Node) and node.args[0].op != "get_attr":
+            output = ref[node.args[0]]
+        else:
+            return None
+    return tensors, calls, output, mutates
+
+
 class CppOps:
     """The op-level engine's estimates in C++ (``_C.OpExecutor``, csrc/executor/op_executor.*) for
     one input shape. Every op of ``program`` is lowered here: the ATen op of a standard module
@@ -470,19 +574,29 @@ class CppOps:
         fixed = {s.node: env[s.node] for s in program.steps
                  if s.node in t.meta and not isinstance(env[s.node], torch.Tensor)}
         B = x.shape[0]
+        # An affine op giving a tuple, read only by indexing (q, k, v = qkv.unbind(0)), has no
+        # value of its own here: each item is recorded as one op, the tuple op then indexing.
+        tuples = {s.node: s for s in program.steps if s.node not in fixed and isinstance(env[s.node], (tuple, list))
+                  and s.entry.kind == "affine" and not s.params and all(
+                      u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                      for u in s.node.users)}
         slots = {t.x: 0}
         for s in program.steps:
-            if s.node not in fixed:
+            if s.node not in fixed and s.node not in tuples:
                 slots[s.node] = len(slots)
         consts: dict = {}  # refreshed per estimate (parameters change between calls), plus `fixed`
         steps, labels = [], []
         for s in program.steps:
             n, out = s.node, env[s.node]
-            if n in fixed:
+            if n in fixed or n in tuples:
                 continue
             if not isinstance(out, torch.Tensor):
                 return None, f"op {s.index} ({s.label}) gives a {type(out).__name__}, not a tensor"
             inputs = [a for a in s.inputs if a not in fixed]
+            item = None
+            if len(inputs) == 1 and inputs[0] in tuples:
+                item, src = n.args[1], tuples[inputs[0]]
+                inputs = [a for a in src.inputs if a not in fixed]
             ins = [env[a] for a in inputs]
             if not all(isinstance(v, torch.Tensor) for v in ins):
                 return None, f"op {s.index} ({s.label}) takes a tuple of tensors"
@@ -495,11 +609,15 @@ class CppOps:
                 if s.entry.kernel is not None:
                     mode = "elementwise"
                     act, alpha, beta = s.entry.kernel(s.module)
-            node, call, arith = None, None, ""
-            if len(inputs) == 2 and list(n.args) == inputs and not n.kwargs:
+            node, recorded, call, arith = None, None, None, ""
+            if item is not None:
+                recorded = aten_program(program, src, inputs, env, B, False, item)
+                if recorded is None:
+                    return None, f"op {src.index} ({src.label}) gives a tuple, and make_fx cannot record it"
+            elif len(inputs) == 2 and list(n.args) == inputs and not n.kwargs:
                 arith = binary_kind(n.target)
-            if not arith:
-                node, call = CppOps._lowered(program, s, inputs, consts)
+            if item is None and not arith:
+                node, recorded, call = CppOps._lowered(program, s, inputs, consts, env, B, mode != "affine")
             if mode == "probed" and any(w and not opengine.batched(v, B) for v, w in zip(ins, wants)):
                 return None, f"op {s.index} ({s.label}) is probed on a tensor shared by the samples (Python)"
             probes = []
@@ -513,27 +631,36 @@ class CppOps:
                     coloring.channelwise)
                 probes.append((coloring.colors(x.device), coloring.num_colors, math.prod(v.shape[1:]), spp))
             labels.append(f"op {s.index} ({s.label})")
-            steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, slots[n], node, arith, call, act,
+            steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, slots[n], node, arith, recorded, call, act,
                                    alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
                                    math.prod(out.shape[1:]), labels[-1]))
         core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")
         return CppOps(core, program, slots, consts, fixed, labels), None
 
     @staticmethod
-    def _lowered(program, s, inputs: list, consts: dict):
-        """(ExecNode, None) for a standard module or a call ``registry.module_for_call`` knows on
-        one input, else (None, a Python callable running the op on copies of its tensor inputs)."""
-        n = s.node
+    def _lowered(program, s, inputs: list, consts: dict, env: dict, batch: int, on_copies: bool):
+        """How C++ runs op s on its tensor inputs, one of: (ExecNode, None, None) for a standard
+        module or a call ``registry.module_for_call`` knows on one input; (None, ATen program,
+        None) for an op ``aten_program`` records; else a Python call: a callback ExecNode for a
+        module on one input (it keeps the module's hooks), or (None, None, a Python callable
+        running the op on copies of its tensor inputs)."""
+        n, callback_node = s.node, None
         if list(s.inputs) == inputs and len(inputs) == 1:
             if n.op == "call_module" and n.args == (inputs[0],) and not n.kwargs:
-                return _node(s.module, lambda mod: mod, [], []), None
-            if (as_module := _function_module(n)) is not None and n.args[0] is inputs[0]:
-                return _native(as_module, None, [], []), None
+                python = []
+                callback_node = _node(s.module, lambda mod: mod, [], python)
+                if not python:
+                    return callback_node, None, None  # native
+            elif (as_module := _function_module(n)) is not None and n.args[0] is inputs[0]:
+                return _native(as_module, None, [], []), None, None
+        recorded = aten_program(program, s, inputs, env, batch, on_copies)
+        if recorded is not None or callback_node is not None:
+            return callback_node if recorded is None else None, recorded, None
 
         def call(*tensors):
             args, kwargs = program._args(n, consts, {a: v.clone() for a, v in zip(inputs, tensors)})
             return program._call(n, args, kwargs)
-        return None, call
+        return None, None, call
 
     def forward(self, x: torch.Tensor) -> dict:
         """The clean forward in C++: every op's value, by node."""

@@ -31,6 +31,11 @@ _OPAQUE_ATTR = "_hzo_opaque"
 # Node results that are not tensors (sizes, dims): such a value never makes a cut.
 _META_METHODS = {"size", "dim", "numel", "stride", "nelement", "ndimension", "is_contiguous", "get_device"}
 _META_FUNCTIONS = {getattr, len, operator.getitem, torch.numel}
+# Arithmetic, comparisons and asserts: on sizes alone they give sizes, bools or None
+# (timm's ``_assert(H == self.img_size[0], ...)``).
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                    operator.not_, operator.and_, operator.or_, torch._assert}
 # Attributes that are sizes or settings of a tensor (x.mT, x.T, x.real are tensors: not meta).
 _META_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
 
@@ -178,6 +183,8 @@ def _is_meta(node: fx.Node, meta: set) -> bool:
         return len(node.args) > 1 and node.args[1] in _META_ATTRS
     if node.op == "call_function" and node.target in _META_FUNCTIONS:
         return node.target is not operator.getitem or any(a in meta for a in node.all_input_nodes)
+    if node.op == "call_function" and node.target in _SIZE_ARITHMETIC:
+        return all(a in meta for a in node.all_input_nodes)
     return False
 
 

@@ -408,12 +408,12 @@ def _suite_models():
 
 
 # The models the C++ engines run without calling back into Python. The default engine in C++
-# (op level) runs every op of these itself; it calls Python for DeepZero's option-A shortcut
-# (slicing, F.pad) and its functional pooling/view head, and for the TransformerEncoder (not
-# lowered) and a mean; the ViT's unbind gives a tuple, so its estimate runs in the Python
-# op-level engine (executor_reason says so). The stage-wise C++ executor also calls Python for
-# MobileNet's squeeze-excitation pieces (a product of two branches inside a stage).
-OPS_IN_CPP_WITHOUT_PYTHON = {"resnet18", "mobilenet", "hand_resnet", "functional_mlp"}
+# (op level) runs every op of these itself, ops without a native node as the ATen calls make_fx
+# recorded (DeepZero's slicing and F.pad, the ViT's unbind items, attention and layer norms);
+# it calls Python for the TransformerEncoder (a module with submodules, not lowered). The
+# stage-wise C++ executor also calls Python for MobileNet's squeeze-excitation pieces (a
+# product of two branches inside a stage), DeepZero's shortcut and the ViT's blocks.
+OPS_IN_CPP_WITHOUT_PYTHON = {"resnet18", "mobilenet", "vit", "hand_resnet", "functional_mlp", "deepzero_resnet"}
 STAGES_IN_CPP_WITHOUT_PYTHON = {"resnet18", "hand_resnet", "functional_mlp"}
 
 

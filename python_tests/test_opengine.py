@@ -695,3 +695,83 @@ def test_casts_inside_a_float64_model_fold():
         hzo_ext.HZO(model, LOSS, executor=executor).backward(x, y)
         cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
         assert min(cos.values()) >= 0.9999, (executor, cos)  # float32 inside: float32 accuracy
+
+
+# ---- ops the C++ engine records (make_fx) and runs through the dispatcher itself ----------------
+
+class RecordedOps(nn.Module):
+    """Slicing, padding, cat, a number times a value, views with sizes, permute, softmax, mean,
+    a functional layer norm with an attribute weight, a LayerNorm module, an in-place add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.g = nn.Parameter(torch.randn(8) * 0.1 + 1)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, 3, 8, 8]
+        h = torch.tanh(self.conv(x))
+        s = F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))  # DeepZero's option-A shortcut: [B, 8, 4, 4]
+        h = torch.cat([s, s * 2], 1).permute(0, 2, 3, 1).reshape(x.size(0), 16, 16)
+        h = torch.softmax(h, -1).mean(1)
+        h = F.layer_norm(h[:, :8] + h[:, 8:], (8,), weight=self.g)
+        return self.head(self.ln(h).add_(0.5))
+
+
+class Bilinear(nn.Module):
+    """einsum of a value with itself: make_fx records it as views to the batch's rows, so the
+    C++ engine must not run that recording on stacked copies (it stays a Python call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # [B, 4, 6]
+        h = self.lin(x)
+        return self.head(torch.einsum("bij,bkj->bik", h, h).flatten(1))
+
+
+@pytest.mark.parametrize("make, shape", [(RecordedOps, (3, 3, 8, 8)), (Bilinear, (3, 4, 6))])
+def test_recorded_ops_equal_the_reference(make, shape):
+    """Both op-level engines equal the reference (float64, 1e-10), on two batches and after an
+    optimizer step; the C++ engine runs RecordedOps without calling Python."""
+    from hzo_ext import reference
+    torch.manual_seed(0)
+    model = make().double()
+    ests = {ex: hzo_ext.HZO(model, LOSS, eps=1e-3, executor=ex) for ex in ("auto", "python")}
+    for step in range(3):
+        x = torch.randn(*shape, dtype=torch.float64)
+        y = torch.tensor([0, 2, 1])
+        if step == 2:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1)
+        ref = reference.grads(reference.op_stages(model), LOSS, x, y, eps=1e-3, split="chain")
+        for ex, est in ests.items():
+            model.zero_grad(set_to_none=True)
+            torch.testing.assert_close(est.backward(x, y), LOSS(model(x), y), rtol=1e-12, atol=0)
+            for name, p in model.named_parameters():
+                assert ((p.grad - ref[p]).abs().max() / ref[p].abs().max()).item() <= 1e-10, (ex, step, name)
+    if hzo_ext.has_extension():
+        est = ests["auto"]
+        assert est.executor == "cpp", est.executor_reason
+        assert (est.last_stats.forward_calls == 0) == (make is RecordedOps)
+
+
+def test_a_replaced_parameter_of_a_recorded_op_is_seen():
+    torch.manual_seed(0)
+    model = RecordedOps().double()
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    est = hzo_ext.HZO(model, LOSS, eps=1e-3)
+    est.backward(x, y)
+    model.ln.weight = nn.Parameter(torch.randn(8, dtype=torch.float64))  # a new tensor, not an update
+    model.g = nn.Parameter(torch.randn(8, dtype=torch.float64))
+    model.zero_grad(set_to_none=True)
+    est.backward(x, y)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    hzo_ext.HZO(model, LOSS, eps=1e-3).backward(x, y)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-12, atol=0)

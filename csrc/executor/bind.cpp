@@ -1,6 +1,7 @@
 // pybind11 bindings of the executor (hzo_ext._C.ExecNode / ExecPlan / Executor), used by
 // hzo_ext/executor.py. Python callables become callbacks that take the GIL; the executor's own
 // work runs with the GIL released.
+#include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -130,6 +131,77 @@ InputProbe make_probe(const ProbeTuple& spec, std::optional<int64_t> chunk_size,
   return p;
 }
 
+// A constant argument of an ATen call as the schema types it. A Python number where the schema
+// wants a Tensor is a wrapped number (the dispatcher's Python binding does the same), so type
+// promotion is the Python op's.
+c10::IValue constant(const py::handle& value, const c10::Argument& arg) {
+  if (arg.type()->kind() == c10::TypeKind::TensorType && !THPVariable_Check(value.ptr())) {
+    at::Tensor t = at::scalar_to_tensor(torch::jit::toIValue(value, c10::NumberType::get()).toScalar());
+    t.unsafeGetTensorImpl()->set_wrapped_number(true);
+    return t;
+  }
+  return torch::jit::toIValue(value, arg.type());
+}
+
+// (tensors, [(name, overload, [(kind, value) per schema argument], values after it)], output,
+// clone_inputs) from
+// hzo_ext/executor.py aten_program; every reference is checked against the values before it.
+std::shared_ptr<const AtenProgram> make_program(const py::object& spec, int64_t num_inputs, const std::string& label) {
+  if (spec.is_none()) return nullptr;
+  const auto t = spec.cast<py::tuple>();
+  auto p = std::make_shared<AtenProgram>();
+  p->tensors = t[0].cast<std::vector<at::Tensor>>();
+  int64_t values = num_inputs + static_cast<int64_t>(p->tensors.size());
+  auto check = [&](int64_t r) {
+    TORCH_CHECK(r >= 0 && r < values, "hzo op executor: ", label, ": an ATen call reads value ", r, " of ", values);
+  };
+  for (const auto& item : t[1].cast<py::list>()) {
+    const auto c = item.cast<py::tuple>();
+    const auto name = c[0].cast<std::string>(), overload = c[1].cast<std::string>();
+    AtenCall call(c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), overload.c_str()));
+    const auto& schema = call.op.schema();
+    const auto args = c[2].cast<py::list>();
+    TORCH_CHECK(args.size() == schema.arguments().size(), "hzo op executor: ", label, ": ", name, " takes ",
+                schema.arguments().size(), " arguments, got ", args.size());
+    for (size_t i = 0; i < args.size(); ++i) {
+      const auto a = args[i].cast<py::tuple>();
+      const auto kind = a[0].cast<std::string>();
+      const c10::Argument& formal = schema.arguments()[i];
+      AtenArg arg;
+      if (kind == "default") {
+        TORCH_CHECK(formal.default_value(), "hzo op executor: ", label, ": ", name, " has no default for ",
+                    formal.name());
+        arg.value = *formal.default_value();
+      } else if (kind == "const") {
+        arg.value = constant(a[1], formal);
+      } else if (kind == "ref") {
+        arg.kind = AtenArg::Kind::Ref;
+        arg.refs = {a[1].cast<int64_t>()};
+        check(arg.refs[0]);
+      } else {
+        TORCH_CHECK(kind == "refs", "hzo op executor: ", label, ": unknown argument kind '", kind, "'");
+        const auto list = formal.type()->cast<c10::ListType>();
+        const bool optional = list && list->getElementType()->kind() == c10::TypeKind::OptionalType;
+        arg.kind = optional ? AtenArg::Kind::OptionalRefs : AtenArg::Kind::Refs;
+        arg.refs = a[1].cast<std::vector<int64_t>>();
+        for (int64_t r : arg.refs) {
+          if (!(optional && r == -1)) check(r);
+        }
+      }
+      call.args.push_back(std::move(arg));
+    }
+    call.values_after = c[3].cast<int64_t>();
+    TORCH_CHECK(call.values_after >= values + static_cast<int64_t>(schema.returns().size()), "hzo op executor: ",
+                label, ": ", name, " gives too few values");
+    values = call.values_after;
+    p->calls.push_back(std::move(call));
+  }
+  p->output = t[2].cast<int64_t>();
+  check(p->output);
+  p->clone_inputs = t[3].cast<bool>();
+  return p;
+}
+
 const std::vector<std::string> kOpModes{"affine", "elementwise", "elementwise_call", "probed"};
 const std::vector<std::string> kArith{"", "add", "sub", "mul"};
 
@@ -149,7 +221,8 @@ void bind(py::module_& m) {
 
   py::class_<OpStep>(m, "OpStep", "One op of the traced graph as the C++ op-level engine runs it.")
       .def(py::init([](const std::string& mode, std::vector<int64_t> inputs, std::vector<bool> wants, int64_t output,
-                       std::optional<Node> node, const std::string& arith, py::object call, int64_t act, double alpha, double beta,
+                       std::optional<Node> node, const std::string& arith, const py::object& program, py::object call,
+                       int64_t act, double alpha, double beta,
                        std::vector<at::Tensor> params, const std::vector<ProbeTuple>& probes,
                        std::optional<int64_t> chunk_size, int64_t num_outputs, std::string label) {
              OpStep s;
@@ -163,8 +236,10 @@ void bind(py::module_& m) {
              const auto a = std::find(kArith.begin(), kArith.end(), arith);
              TORCH_CHECK(a != kArith.end(), "hzo op executor: unknown arithmetic '", arith, "'");
              s.arith = static_cast<Arith>(a - kArith.begin());
+             s.program = make_program(program, static_cast<int64_t>(s.inputs.size()), label);
              s.call = op_callback(std::move(call));
-             TORCH_CHECK(node || s.arith != Arith::None || s.call, "hzo op executor: ", label, " has no way to run");
+             TORCH_CHECK(node || s.arith != Arith::None || s.program || s.call, "hzo op executor: ", label,
+                         " has no way to run");
              s.act = act;
              s.alpha = alpha;
              s.beta = beta;
@@ -174,7 +249,7 @@ void bind(py::module_& m) {
              return s;
            }),
            py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("output"), py::arg("node"), py::arg("arith"),
-           py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"), py::arg("params"), py::arg("probes"),
+           py::arg("program"), py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"), py::arg("params"), py::arg("probes"),
            py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
 
   py::class_<OpExecutor>(m, "OpExecutor", "Runs the op-level engine's estimates (hzo_ext/executor.py CppOps).")

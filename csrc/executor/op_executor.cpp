@@ -35,17 +35,59 @@ at::Tensor repeated(const at::Tensor& v, int64_t n, int64_t B) {
 
 }  // namespace
 
+at::Tensor AtenProgram::run(const std::vector<at::Tensor>& inputs) const {
+  std::vector<at::Tensor> v;
+  v.reserve(inputs.size() + tensors.size() + calls.size());
+  for (const auto& t : inputs) v.push_back(clone_inputs ? t.clone() : t);
+  v.insert(v.end(), tensors.begin(), tensors.end());
+  torch::jit::Stack stack;
+  for (const auto& c : calls) {
+    stack.clear();
+    for (const auto& a : c.args) {
+      switch (a.kind) {
+        case AtenArg::Kind::Const: stack.push_back(a.value); break;
+        case AtenArg::Kind::Ref: stack.emplace_back(v[a.refs[0]]); break;
+        case AtenArg::Kind::Refs: {
+          std::vector<at::Tensor> list;
+          for (int64_t r : a.refs) list.push_back(v[r]);
+          stack.emplace_back(std::move(list));
+          break;
+        }
+        case AtenArg::Kind::OptionalRefs: {
+          c10::List<std::optional<at::Tensor>> list;
+          for (int64_t r : a.refs) list.push_back(r < 0 ? std::nullopt : std::optional<at::Tensor>(v[r]));
+          stack.emplace_back(std::move(list));
+          break;
+        }
+      }
+    }
+    c.op.callBoxed(&stack);
+    for (auto& r : stack) {
+      if (r.isTensorList()) {
+        for (const at::Tensor& t : r.toTensorVector()) v.push_back(t);
+      } else {
+        v.push_back(std::move(r).toTensor());
+      }
+    }
+    TORCH_CHECK(static_cast<int64_t>(v.size()) == c.values_after, "hzo op executor: ", c.op.schema().name(),
+                " gave another number of tensors than when it was recorded (", v.size(), " values, not ",
+                c.values_after, ")");
+  }
+  return v[output];
+}
+
 OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t out_slot, double eps, bool relative)
     : steps_(std::move(steps)), num_values_(num_values), out_slot_(out_slot), eps_(eps), relative_(relative) {
   TORCH_CHECK(out_slot_ > 0 && out_slot_ < num_values_, "hzo op executor: output slot out of range");
   for (const auto& s : steps_) {
     TORCH_CHECK(s.output > 0 && s.output < num_values_, "hzo op executor: ", s.label, ": output slot out of range");
     TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
-    TORCH_CHECK(!s.inputs.empty() || s.call, "hzo op executor: ", s.label, " has no input and no callback");
+    TORCH_CHECK(!s.inputs.empty() || s.call || s.program, "hzo op executor: ", s.label,
+                " has no input and no program or callback");
     TORCH_CHECK(s.arith == Arith::None || s.inputs.size() == 2, "hzo op executor: ", s.label,
                 ": arithmetic takes two inputs");
-    TORCH_CHECK(s.arith != Arith::None || s.call || s.inputs.size() == 1, "hzo op executor: ", s.label,
-                ": several inputs need a callback");
+    TORCH_CHECK(s.arith != Arith::None || s.call || s.program || s.inputs.size() == 1, "hzo op executor: ",
+                s.label, ": several inputs need a program or a callback");
     TORCH_CHECK(s.mode != OpMode::Probed || s.probes.size() == s.inputs.size(), "hzo op executor: ", s.label,
                 ": one probe spec per input");
     for (int64_t v : s.inputs) {
@@ -73,6 +115,7 @@ at::Tensor OpExecutor::run(const OpStep& s, const std::vector<at::Tensor>& ins, 
     case Arith::Mul: return ins[0] * ins[1];
     case Arith::None: break;
   }
+  if (s.program) return s.program->run(ins);
   if (s.call) {
     ++counts.python_calls;
     return s.call(ins);
@@ -141,6 +184,9 @@ at::Tensor OpExecutor::probe(const OpStep& s, size_t k, const at::Tensor& target
 
 OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
   TORCH_CHECK(!values_.empty(), "hzo op executor: targets() before forward()");
+  // Queries record no autograd graph (an op with parameters would record one per query); the
+  // leaves' VJPs run on the graphs the clean forward kept.
+  at::NoGradGuard no_grad;
   OpOutcome out;
   out.forward_calls = 1;
   RunCounts counts;

@@ -1,15 +1,18 @@
 // The op-level engine in C++ (the default engine, hzo_ext/opengine.py, when the extension is
 // loaded): the traced graph's ops, one split per op, walked from the output back. Each op is
 // an ExecNode (the ATen op its module or function calls, lowered by hzo_ext/executor.py), a sum
-// of two values, or a Python callback (opaque and unlowered ops). How each op is probed comes
+// of two values, the ATen calls make_fx recorded for it (AtenProgram), or a Python callback
+// (opaque nodes and ops no recording stands for). How each op is probed comes
 // from the registry through the Python side: affine ops fold (their VJP, with their leaf),
 // elementwise ops are one fused probe (hzo_ext::probe_elementwise), other ops take +-eps copies
 // of each input (hzo_ext::perturb / contract, SPP where the coloring says). Torch-only.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,6 +27,29 @@ namespace hzo::exec {
 using OpCallback = std::function<at::Tensor(const std::vector<at::Tensor>&)>;
 
 enum class OpMode { Affine, Elementwise, ElementwiseCall, Probed };
+
+// An op as the ATen calls make_fx recorded for it (hzo_ext/executor.py aten_program), run
+// through the dispatcher (autograd records them as it records the Python op). Values: the
+// op's inputs, then `tensors` (its parameters and buffers, the module's own), then each
+// call's results in order (the tensors of a Tensor[] result one by one).
+struct AtenArg {
+  enum class Kind { Const, Ref, Refs, OptionalRefs } kind = Kind::Const;
+  c10::IValue value;          // Const
+  std::vector<int64_t> refs;  // Ref: one value; Refs: a Tensor[]; OptionalRefs: a Tensor?[] (-1: None)
+};
+struct AtenCall {
+  explicit AtenCall(c10::OperatorHandle op) : op(std::move(op)) {}
+  c10::OperatorHandle op;
+  std::vector<AtenArg> args;  // one per schema argument
+  int64_t values_after = 0;   // values after its results (a Tensor[] result gives one per tensor)
+};
+struct AtenProgram {
+  std::vector<at::Tensor> tensors;
+  std::vector<AtenCall> calls;
+  int64_t output = 0;         // the value the op gives
+  bool clone_inputs = false;  // a call writes in place: run on copies of the inputs
+  at::Tensor run(const std::vector<at::Tensor>& inputs) const;
+};
 // Elementwise arithmetic between two values, run natively.
 enum class Arith { None, Add, Sub, Mul };
 
@@ -44,7 +70,8 @@ struct OpStep {
   int64_t output = 0;           // its value slot
   Node node;                    // one input: the lowered op (native or a Callback node)
   Arith arith = Arith::None;    // two inputs: inputs[0] + - * inputs[1]
-  OpCallback call;              // several inputs, when set
+  std::shared_ptr<const AtenProgram> program;  // when set: run by it
+  OpCallback call;              // else, when set: Python runs it
   int64_t act = 0;              // Elementwise: the fused kernel's code, settings
   double alpha = 0, beta = 0;
   std::vector<at::Tensor> params;     // trainable parameters it reads (its leaf)
