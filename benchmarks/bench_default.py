@@ -12,6 +12,8 @@ by the fused kernel) against backprop, and on ResNet-20 against DeepZero's CGE.
   the network re-run from the perturbed layer): its time per query is measured on a sample
   of coordinates of every layer and multiplied by the layer's coordinate count (a full run
   would take days); the count is exact.
+- vit: a small timm VisionTransformer (32x32 images, patch 8, width 64, depth 2, 2 heads),
+  float32, 1 thread, batch 32: attention and layer norms are probed densely.
 HZO (the default: its C++ version where the extension is loaded), the same engine in Python
 (executor='python') and backprop are timed interleaved (round robin) in one process; medians. Accuracy:
 cosine per parameter tensor of the float32 estimate against float64 autograd. Memory: each
@@ -47,6 +49,11 @@ def build(case: str, batch: int, seed: int = 0):
         # 1e4, where float32's spacing exceeds the default eps and HZO refuses it)
         model = deep_mlp(64, 128, residual=True, din=128, dout=10, dtype=torch.float32, residual_scale=0.25)
         x = torch.randn(batch, 128)
+    elif case == "vit":
+        import timm  # a test dependency (pyproject's test extra)
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10).eval()
+        x = torch.randn(batch, 3, 32, 32)
     else:
         model = DeepZeroResNet().eval()
         with torch.no_grad():  # trained-looking BN statistics, not the identity at init
@@ -225,6 +232,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axhline(8, color="gray", ls=":", lw=1)
     ax.axhline(20, color="gray", ls="--", lw=1)
     ax.set_ylabel("time of one estimate / backprop")
+    ax.set_yscale("log")
     ax.set_title("default HZO estimate vs backprop (CPU; targets: 8x mlp, 20x resnet20)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -232,7 +240,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=["mlp", "resnet20", "all"], default="all")
+    ap.add_argument("--case", choices=["mlp", "resnet20", "vit", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(RESULTS / "default_cpu"))
     args = ap.parse_args(argv)
@@ -241,6 +249,8 @@ def main(argv=None) -> None:
         configs += [("mlp", 32, 1), ("mlp", 256, 1)]
     if args.case in ("resnet20", "all"):
         configs += [("resnet20", 256, 2)]
+    if args.case in ("vit", "all"):
+        configs += [("vit", 32, 1)]
     rows = [bench(c, b, t, args.repeats) for c, b, t in configs]
     if args.case in ("resnet20", "all"):
         rows.append(traced_vs_vocabulary(64, 2, args.repeats))

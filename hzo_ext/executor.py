@@ -462,7 +462,9 @@ def _record(program, s, inputs: list, held: list, env: dict, values: list, item)
 def _recordable_module(mod: nn.Module) -> bool:
     """A torch.nn module without submodules running its own forward (not a container, not the
     user's: those are traced into ops or are opaque)."""
+    from .graph import is_opaque
     return next(mod.children(), None) is None and type(mod).__module__.startswith("torch.nn.") and \
+        not is_opaque(mod) and \
         _stock(mod, type(mod)) and not _hooked(mod) and not parametrize.is_parametrized(mod) and \
         not isinstance(mod, nn.modules.lazy.LazyModuleMixin)
 
@@ -470,15 +472,16 @@ def _recordable_module(mod: nn.Module) -> bool:
 def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: bool, item=None):
     """Op s (or item ``item`` of the tuple it gives) as a short program of ATen ops that the C++
     executor runs through the dispatcher (autograd records it as it records the Python op):
-    ``(tensors, calls, output, clone_inputs)``
-    for ``_C.OpStep``; value k of the program is input k, then ``tensors`` (its parameters and
-    buffers), then each call's results (the tensors of a Tensor[] one by one; each call says
-    how many values there are after it). None where a recording would not be faithful: the op
-    reads a tensor computed from constants (``w.t()``: it changes with the parameters), it is a
-    module with submodules, hooks or a forward of its own, an ATen op gives a non-tensor, or
-    the op also runs on stacked copies (``on_copies``) and its recording depends on the batch
-    size (a view to ``x.size(0)`` rows, a batched matmul). Other sizes are fixed per input
-    shape, as for every lowered op."""
+    ``(tensors, calls, output, clone_inputs)`` for ``_C.OpStep``. Value k of the program is
+    input k, then ``tensors`` (its parameters and buffers), then each call's results (the
+    tensors of a Tensor[] one by one; each call says how many values there are after it).
+
+    None where a recording would not be faithful: the op reads a tensor computed from
+    constants (``w.t()``: it changes with the parameters); it is a module with submodules,
+    hooks or a forward of its own, or one marked opaque; an ATen op gives a non-tensor; or the
+    op also runs on stacked copies (``on_copies``) and its recording depends on the batch size
+    (a view to ``x.size(0)`` rows, a batched matmul). Other sizes are fixed per input shape,
+    as for every lowered op."""
     n, mod = s.node, s.module
     if n.op == "call_module":
         if mod is None or not _recordable_module(mod):
@@ -611,7 +614,7 @@ class CppOps:
                     act, alpha, beta = s.entry.kernel(s.module)
             node, recorded, call, arith = None, None, None, ""
             if item is not None:
-                recorded = aten_program(program, src, inputs, env, B, False, item)
+                recorded = aten_program(program, src, inputs, env, B, False, item) if mode == "affine" else None
                 if recorded is None:
                     return None, f"op {src.index} ({src.label}) gives a tuple, and make_fx cannot record it"
             elif len(inputs) == 2 and list(n.args) == inputs and not n.kwargs:

@@ -775,3 +775,19 @@ def test_a_replaced_parameter_of_a_recorded_op_is_seen():
     hzo_ext.HZO(model, LOSS, eps=1e-3).backward(x, y)
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-12, atol=0)
+
+
+def test_a_module_marked_opaque_is_not_recorded():
+    """hzo_ext.opaque means run whole, in Python: the C++ engine calls the module, not a recording."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), hzo_ext.opaque(nn.LayerNorm(8)), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
+    est = hzo_ext.HZO(model, LOSS, eps=1e-3)
+    est.backward(x, y)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    hzo_ext.HZO(model, LOSS, eps=1e-3, executor="python").backward(x, y)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=0)
+    if hzo_ext.has_extension():
+        assert est.executor == "cpp" and est.last_stats.forward_calls > 0
