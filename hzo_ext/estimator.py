@@ -736,16 +736,18 @@ class HZO(StageEstimator):
 
     # ---- the op-level engine (split='auto'; hzo_ext.opengine) ---------------------------------
 
-    def _op_coloring(self, step, in_shape, out_shape):
-        """How input of shape in_shape of a probed op is probed: the SPP coloring of its module
-        where the footprint is known and needs fewer probes, else dense."""
-        key = (step.node, in_shape, out_shape, self.spp)
+    def _op_coloring(self, step, a, in_shape, out_shape):
+        """How input ``a`` (a node) of shape in_shape of a probed op is probed: the SPP coloring
+        of its module or call where the footprint is known and needs fewer probes, else dense."""
+        key = (step.node, a, in_shape, out_shape, self.spp)
         if key not in self._colorings:
             dense = spp_geometry.DenseColoring(math.prod(in_shape))
             chosen = dense
-            if self.spp is not False and step.module is not None and len(in_shape) >= 2 and len(step.inputs) == 1:
+            module = step.module is not None and len(step.inputs) == 1
+            if self.spp is not False and len(in_shape) >= 2 and (module or spp_geometry.is_known_call(step.node)):
                 try:
-                    colored = spp_geometry.coloring_for([step.module], in_shape, out_shape, [step.label], [in_shape])
+                    colored = spp_geometry.coloring_for([step.module], in_shape, out_shape, [step.label], [in_shape]) \
+                        if module else spp_geometry.coloring_for_call(step.node, a, in_shape, out_shape)
                     chosen = colored if colored.num_colors < dense.num_colors else dense
                 except spp_geometry.NoFootprint:
                     pass
@@ -789,7 +791,7 @@ class HZO(StageEstimator):
                 how, probes = "elementwise", 1
                 peak = targets + B * item * n_out * (2 if s.entry.kernel is not None else 5)
             else:
-                colorings = [self._op_coloring(s, shapes[pos[a]], shapes[s.index]) for a in ins]
+                colorings = [self._op_coloring(s, a, shapes[pos[a]], shapes[s.index]) for a in ins]
                 probes = sum(c.num_colors for c in colorings)
                 how = "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
                 K = max([c.num_colors for c in colorings] + [1])

@@ -628,7 +628,7 @@ class CppOps:
                 if mode != "probed" or not w:
                     probes.append((torch.zeros(0, dtype=torch.long, device=x.device), 0, 0, None))
                     continue
-                coloring = est._op_coloring(s, tuple(v.shape[1:]), tuple(out.shape[1:]))
+                coloring = est._op_coloring(s, a, tuple(v.shape[1:]), tuple(out.shape[1:]))
                 spp = None if not isinstance(coloring, SpatialColoring) else (
                     coloring.colors(x.device), coloring.boxes(x.device), coloring.in_shape, coloring.geometry_out,
                     coloring.channelwise)

@@ -421,7 +421,7 @@ class OpRun:
                 return y
             return torch.cat([o.reshape(o.shape[0], -1) for o in _tensors(y)], 1)
 
-        coloring = est._op_coloring(s, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
+        coloring = est._op_coloring(s, a_node, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
         chunk = self.chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)
         delta = probe_targets(run_right, a_q, tq, eps, chunk, coloring, what=s.label, nvtx=f"hzo/op{s.index}")
         self._count(coloring.num_colors, 2 * coloring.num_colors)

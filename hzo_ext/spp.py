@@ -176,6 +176,17 @@ def _overridden_methods(mod: nn.Module) -> list[str]:
                    if callable(v) and hasattr(base, name) and name not in _HARMLESS_OVERRIDES})
 
 
+def _within_last_axes(in_sizes: tuple[int, ...], k: int) -> Footprint:
+    """An op mixing the last k spatial axes of each channel (LayerNorm over a token's features,
+    softmax over the last axis): every position there reads all of them, the other axes and
+    the channels (tokens of a transformer) stay apart, so one probe per position of the last k
+    axes serves every channel."""
+    r = len(in_sizes)
+    mixed = in_sizes[r - k:]
+    return Footprint.window(in_sizes, (1,) * (r - k) + tuple(2 * n - 1 for n in mixed), 1,
+                            (0,) * (r - k) + tuple(n - 1 for n in mixed), out_sizes=in_sizes, channelwise=True)
+
+
 def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footprint:
     r = len(in_sizes)
     custom = getattr(mod, "spp_footprint", None)
@@ -228,6 +239,11 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
         sizes = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,) * r
         if len(sizes) == r:  # None keeps an axis' size
             return Footprint.adaptive(in_sizes, [n if o is None else int(o) for n, o in zip(in_sizes, sizes)])
+    if isinstance(mod, nn.LayerNorm) and 0 < len(mod.normalized_shape) <= r and \
+            tuple(mod.normalized_shape) == in_sizes[r - len(mod.normalized_shape):]:
+        return _within_last_axes(in_sizes, len(mod.normalized_shape))
+    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim in (-1, r):
+        return _within_last_axes(in_sizes, 1)
     if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1 and all(n == 1 for n in in_sizes):
         return Footprint.identity(in_sizes)  # [C, 1, .., 1] -> [C]: the same elements; sizes kept as 1s
     raise NoFootprint(f"{where} ({type(mod).__name__})", f"no known footprint (global, mixing or unknown module)")
@@ -284,6 +300,8 @@ def graph_footprint(gm: fx.GraphModule, in_shape: Sequence[int], where: str = "p
                 fps[n] = fp.then(Footprint.adaptive(fp.out_sizes, shape(n)[1:]))
             else:
                 raise NoFootprint(here, "a non-global functional pooling (use the nn module)")
+        elif is_known_call(n) and len(ins) == 1 and shape(ins[0])[0] == shape(n)[0]:
+            fps[n] = fp.then(call_footprint(n, ins[0], fp.out_sizes, shape(n)[1:], here))
         elif n.target is F.pad and len(ins) == 1:
             fps[n] = fp.then(_pad_footprint(n, fp.out_sizes, shape(n), here))
         elif (n.target is torch.flatten or n.op == "call_method" and n.target in ("flatten", "view", "reshape")) \
@@ -292,6 +310,64 @@ def graph_footprint(gm: fx.GraphModule, in_shape: Sequence[int], where: str = "p
         else:
             raise NoFootprint(here, "no known footprint for this function")
     raise NoFootprint(where, "the piece has no output")
+
+
+_SOFTMAX_CALLS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax", "log_softmax"}
+
+
+def is_known_call(n: fx.Node) -> bool:
+    """A call ``call_footprint`` may know: layer_norm, softmax, scaled_dot_product_attention."""
+    try:
+        return n.op in ("call_function", "call_method") and (
+            n.target in (F.layer_norm, F.scaled_dot_product_attention) or n.target in _SOFTMAX_CALLS)
+    except TypeError:  # an unhashable target
+        return False
+
+
+def _reads_all(in_sizes, out_sizes) -> Footprint:
+    """Every input position of a channel changes every output position of that channel."""
+    return Footprint(tuple(tuple((0, m - 1) for _ in range(n)) for n, m in zip(in_sizes, out_sizes)),
+                     tuple(out_sizes), channelwise=True)
+
+
+def call_footprint(n: fx.Node, arg: fx.Node, in_sizes: tuple[int, ...], out_sizes: tuple[int, ...],
+                   where: str = "call") -> Footprint:
+    """The footprint of a call on its argument ``arg`` (per sample [C, *in_sizes] to
+    [C, *out_sizes]). ``F.layer_norm`` over the last axes and softmax over the last axis mix
+    within each channel only (``_within_last_axes``). ``F.scaled_dot_product_attention`` on
+    [heads, L, E] (no mask, no dropout, one head per query head): a query row changes its own
+    output row, a key or value changes every row of its head."""
+    r = len(in_sizes)
+    if n.target is F.layer_norm and n.args[0] is arg:
+        shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+        if all(type(v) is int for v in shape) and 0 < len(shape) <= r and shape == tuple(in_sizes[r - len(shape):]):
+            return _within_last_axes(in_sizes, len(shape))
+    elif n.target is F.scaled_dot_product_attention and r == 2:
+        bound = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+                         n.args), **n.kwargs)
+        plain = bound.get("attn_mask") is None and bound.get("dropout_p", 0.0) == 0 and not bound.get("enable_gqa")
+        roles = [k for k in ("query", "key", "value") if bound.get(k) is arg]
+        if plain and roles:
+            if roles == ["query"] and out_sizes[0] == in_sizes[0]:
+                return Footprint(((tuple((p, p) for p in range(in_sizes[0]))),
+                                  tuple((0, out_sizes[1] - 1) for _ in range(in_sizes[1]))), tuple(out_sizes), True)
+            return _reads_all(in_sizes, out_sizes)
+    elif n.target in _SOFTMAX_CALLS and n.args and n.args[0] is arg:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dim in (-1, r):
+            return _within_last_axes(in_sizes, 1)
+    raise NoFootprint(where, "no known footprint for this call")
+
+
+def coloring_for_call(n: fx.Node, arg: fx.Node, in_shape: Sequence[int], out_shape: Sequence[int]
+                      ) -> SpatialColoring:
+    """SPP coloring of one call (``call_footprint``) on its argument ``arg`` of per-sample shape
+    ``in_shape`` [C, *S] to ``out_shape`` [C, *T] (the same channels: they stay apart)."""
+    if len(in_shape) < 2 or len(out_shape) != len(in_shape) or out_shape[0] != in_shape[0]:
+        raise NoFootprint(str(n.name), f"input {tuple(in_shape)}, output {tuple(out_shape)}")
+    fp = call_footprint(n, arg, tuple(in_shape[1:]), tuple(out_shape[1:]), str(n.name))
+    return SpatialColoring(in_shape, out_shape, fp)
 
 
 def _slice_footprint(index, in_sizes, out_shape, where: str) -> Footprint:

@@ -791,3 +791,46 @@ def test_a_module_marked_opaque_is_not_recorded():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=0)
     if hzo_ext.has_extension():
         assert est.executor == "cpp" and est.last_stats.forward_calls > 0
+
+
+class Attention(nn.Module):
+    """Row-local and per-head ops of a transformer, as functions and as modules."""
+
+    def __init__(self, causal=False, mask=False):
+        super().__init__()
+        self.qkv = nn.Linear(6, 3 * 8)
+        self.ln = nn.LayerNorm(8)
+        self.sm = nn.Softmax(dim=-1)
+        self.head = nn.Linear(5 * 8, 3)
+        self.causal = causal
+        self.mask = torch.ones(5, 5, dtype=torch.bool).tril() if mask else None
+
+    def forward(self, x):  # [B, 5 tokens, 6]
+        q, k, v = self.qkv(x).reshape(x.size(0), 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)  # [B, 2 heads, 5, 4]
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        h = F.scaled_dot_product_attention(h, h, h)  # one tensor in every role
+        h = F.layer_norm(h.transpose(1, 2).reshape(x.size(0), 5, 8), (8,))
+        return self.head((self.sm(self.ln(h)) + torch.softmax(h, -1)).flatten(1))
+
+
+@pytest.mark.parametrize("causal, mask", [(False, False), (True, False), (False, True)])
+def test_attention_and_row_ops_are_probed_spp_and_equal_the_reference(causal, mask):
+    """SPP through layer norms and softmax over the last axis (one probe per feature, every
+    token at once) and attention (a query row changes its own output row: one probe per
+    feature; a key or value its head: L*E probes, heads at once); a mask makes it dense.
+    Both op-level engines equal the reference (float64, 1e-10)."""
+    from hzo_ext import reference
+    torch.manual_seed(0)
+    model = Attention(causal, mask).double()
+    x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.tensor([0, 2, 1])
+    plan = hzo_ext.HZO(model, LOSS).plan(x)
+    how = {plan.stage_names[s.j - 1].split(" (")[1].split(",")[0]: (s.how, s.probes) for s in plan.splits}
+    assert how["scaled_dot_product_attention"] == (("dense", 3 * 40) if mask else ("SPP", 4 + 20 + 20))
+    assert how["scaled_dot_product_attention_1"] == ("SPP", 20)  # q = k = v: its head
+    assert how["layer_norm"] == how["ln: LayerNorm"] == how["softmax"] == how["sm: Softmax"] == ("SPP", 8)
+    ref = reference.grads(reference.op_stages(model), LOSS, x, y, eps=1e-3, split="chain")
+    for ex in ("auto", "python"):
+        model.zero_grad(set_to_none=True)
+        hzo_ext.HZO(model, LOSS, eps=1e-3, executor=ex).backward(x, y)
+        for name, p in model.named_parameters():
+            assert ((p.grad - ref[p]).abs().max() / ref[p].abs().max()).item() <= 1e-10, (ex, name)
