@@ -790,12 +790,14 @@ class HZO(StageEstimator):
             elif opengine.fused_elementwise(s, self.spp) and ins:
                 how, probes = "elementwise", 1
                 peak = targets + B * item * n_out * (2 if s.entry.kernel is not None else 5)
-            else:
-                colorings = [self._op_coloring(s, a, shapes[pos[a]], shapes[s.index]) for a in ins]
-                probes = sum(c.num_colors for c in colorings)
+            else:  # the inputs it is affine in fold (counted as a dense probe would), the others are probed
+                probed = [a for a in ins if a not in s.folds]
+                colorings = [self._op_coloring(s, a, shapes[pos[a]], shapes[s.index]) for a in probed]
+                probes = sum(c.num_colors for c in colorings) + sum(size(a) for a in ins if a in s.folds)
                 how = "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
+                how += " + folded" if len(probed) < len(ins) else ""
                 K = max([c.num_colors for c in colorings] + [1])
-                per_probe = 2 * B * item * (max([size(a) for a in ins] + [0]) + n_out)
+                per_probe = 2 * B * item * (max([size(a) for a in probed] + [0]) + n_out)
                 c = K if self.chunk_size is None else min(K, self.chunk_size)
                 if self.chunk_size is None:  # the chunk follows from the memory budget
                     c = max(1, min(K, (budget - stored - targets - 2 * B * item * n_in) // per_probe))
@@ -804,7 +806,7 @@ class HZO(StageEstimator):
                 peak = targets + c * per_probe + 2 * B * item * n_in
             queries = 2 * (n_in if how == "folded" else probes)
             splits.append(Split(s.index - 1, s.index - 1, s.index, k, probes, queries,
-                                chunks if how in ("dense", "SPP") else 1, peak, how == "dense", how))
+                                chunks if how.startswith(("dense", "SPP")) else 1, peak, how == "dense", how))
         for s in prog.steps:
             src = ", ".join(f"a_{pos[a]}" for a in s.inputs) or "constants"
             names.append(f"op {s.index} ({s.label}, {s.entry.kind}) of {src}")

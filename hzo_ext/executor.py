@@ -123,8 +123,11 @@ def _node(mod: nn.Module, callback, watch: list, python: list):
 
 
 
-def _writes_input(n: fx.Node) -> bool:
-    """An in-place call (``x.add_(1)``, ``F.relu(x, inplace=True)``, ``x += 1``)."""
+def _writes_input(n: fx.Node, module: nn.Module | None = None) -> bool:
+    """An in-place call (``x.add_(1)``, ``F.relu(x, inplace=True)``, ``x += 1``) or module
+    (``ELU(inplace=True)``: ``module`` is the one n calls)."""
+    if n.op == "call_module":
+        return getattr(module, "inplace", False) is True
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     return bool(n.kwargs.get("inplace")) or (name.endswith("_") and not name.startswith("_")) or (
         n.op == "call_function" and name.startswith("i") and getattr(operator, name, None) is n.target)
@@ -155,11 +158,12 @@ def _lower_piece(stage, callback, watch: list, python: list):
         if n not in state or n is x:
             continue
         ins = [a for a in n.all_input_nodes if a in state]
-        if n.target in SUMS and len(ins) == 2 and len(n.args) == 2 and not n.kwargs:
+        writes = _writes_input(n, stage.piece.get_submodule(n.target) if n.op == "call_module" else None)
+        if n.target in SUMS and len(ins) == 2 and len(n.args) == 2 and not n.kwargs and not writes:
             ops[n] = (tuple(ins), None)
         elif len(ins) != 1:
-            return None  # a value from several (products, cat, sizes): the piece runs in Python
-        elif _writes_input(n) and len(ins[0].users) > 1:
+            return None  # a value from several (products, cat, sizes, g.add_(h)): the piece runs in Python
+        elif writes and len(ins[0].users) > 1:
             return None  # in place on a value other nodes read (x.relu_(); b(x)): the piece runs in Python
         elif n.op == "call_module" and n.args == (ins[0],) and not n.kwargs:
             sub = stage.piece.get_submodule(n.target)
@@ -459,6 +463,13 @@ def _record(program, s, inputs: list, held: list, env: dict, values: list, item)
     return make_fx(op)(*values)
 
 
+def _registered(model: nn.Module, target: str) -> bool:
+    """``target`` (a get_attr path) is a parameter or buffer of its module."""
+    owner, _, name = target.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    return name in mod._parameters or name in mod._buffers
+
+
 def _recordable_module(mod: nn.Module) -> bool:
     """A torch.nn module without submodules running its own forward (not a container, not the
     user's: those are traced into ops or are opaque)."""
@@ -477,11 +488,12 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
     tensors of a Tensor[] one by one; each call says how many values there are after it).
 
     None where a recording would not be faithful: the op reads a tensor computed from
-    constants (``w.t()``: it changes with the parameters); it is a module with submodules,
-    hooks or a forward of its own, or one marked opaque; an ATen op gives a non-tensor; or the
-    op also runs on stacked copies (``on_copies``) and its recording depends on the batch size
-    (a view to ``x.size(0)`` rows, a batched matmul). Other sizes are fixed per input shape,
-    as for every lowered op."""
+    constants (``w.t()``: it changes with the parameters) or a tensor attribute that is not a
+    parameter or buffer (it may be replaced without the model watch seeing it); it is a
+    module with submodules, hooks or a forward of its own, or one marked opaque; an ATen op
+    gives a non-tensor; or the op also runs on stacked copies (``on_copies``) and its
+    recording depends on the batch size (a view to ``x.size(0)`` rows, a batched matmul).
+    Other sizes are fixed per input shape, as for every lowered op."""
     n, mod = s.node, s.module
     if n.op == "call_module":
         if mod is None or not _recordable_module(mod):
@@ -490,8 +502,8 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
         tensors = [operator.attrgetter(name)(mod) for name in held]
     else:
         held = [a for a in n.all_input_nodes if a not in inputs and isinstance(env[a], torch.Tensor)]
-        if any(a.op != "get_attr" for a in held):
-            return None
+        if not all(a.op == "get_attr" and _registered(program.model, a.target) for a in held):
+            return None  # a plain tensor attribute may be replaced without the model watch seeing it
         tensors = [env[a] for a in held]
     # as C++ runs it in the clean forward: inputs of a folded op (but for an in-place op, which
     # C++ runs on copies of them) and parameters on autograd
@@ -621,11 +633,12 @@ class CppOps:
                 arith = binary_kind(n.target)
             if item is None and not arith:
                 node, recorded, call = CppOps._lowered(program, s, inputs, consts, env, B, mode != "affine")
-            if mode == "probed" and any(w and not opengine.batched(v, B) for v, w in zip(ins, wants)):
+            if mode == "probed" and any(w and a not in s.folds and not opengine.batched(v, B)
+                                        for a, v, w in zip(inputs, ins, wants)):
                 return None, f"op {s.index} ({s.label}) is probed on a tensor shared by the samples (Python)"
-            probes = []
-            for a, v, w in zip(inputs, ins, wants):
-                if mode != "probed" or not w:
+            probes, folds = [], [mode == "probed" and a in s.folds for a in inputs]
+            for a, v, w, f in zip(inputs, ins, wants, folds):
+                if mode != "probed" or not w or f:
                     probes.append((torch.zeros(0, dtype=torch.long, device=x.device), 0, 0, None))
                     continue
                 coloring = est._op_coloring(s, a, tuple(v.shape[1:]), tuple(out.shape[1:]))
@@ -634,7 +647,7 @@ class CppOps:
                     coloring.channelwise)
                 probes.append((coloring.colors(x.device), coloring.num_colors, math.prod(v.shape[1:]), spp))
             labels.append(f"op {s.index} ({s.label})")
-            steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, slots[n], node, arith, recorded, call, act,
+            steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, folds, slots[n], node, arith, recorded, call, act,
                                    alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
                                    math.prod(out.shape[1:]), labels[-1]))
         core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")

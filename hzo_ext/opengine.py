@@ -61,6 +61,20 @@ class OpStep:
     params: tuple  # trainable parameters it reads (its own, or through constants)
     label: str
     inplace: bool
+    folds: tuple = ()  # inputs whose targets are the op's VJP: all of an affine op's; of a probed
+                       # op, those found only at its entry's affine_args
+
+
+def _folded_inputs(n: fx.Node, entry: OpEntry, inputs: tuple) -> tuple:
+    if entry.kind == "affine":
+        return inputs
+    if entry.affine_args is None:
+        return ()
+    seen = []  # every node argument, nested ones and kwargs too
+    fx.node.map_arg((n.args, n.kwargs), seen.append)
+    top = [k for k, v in enumerate(n.args) if isinstance(v, fx.Node)]
+    return tuple(a for a in inputs if all(k in entry.affine_args for k in top if n.args[k] is a)
+                 and 0 < sum(v is a for v in seen) == sum(n.args[k] is a for k in top))
 
 
 def _is_inplace(n: fx.Node, module) -> bool:
@@ -99,7 +113,7 @@ class OpProgram:
             entry = entry_for(n.op, n.target, module)
             if entry.affine_args is not None and any(isinstance(a, fx.Node) and a in self.state
                                                      for k, a in enumerate(n.args) if k not in entry.affine_args):
-                entry = OpEntry("probed")  # e.g. a / b with b depending on x
+                entry = OpEntry("probed", affine_args=entry.affine_args)  # a / b with b depending on x: a folds
             inputs = tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state))
             own = list(module.parameters()) if module is not None else []
             own += [params[c.target] for c in self._constants_of(n) if c.target in params]
@@ -108,7 +122,7 @@ class OpProgram:
                 entry = OpEntry("probed")  # e.g. clamp(h, min=parameter): the parameter needs its leaf
             self.steps.append(OpStep(n, len(self.steps) + 1, entry, module, inputs, own,
                                      f"{n.target}: {type(module).__name__}" if module is not None else n.name,
-                                     _is_inplace(n, module)))
+                                     _is_inplace(n, module), _folded_inputs(n, entry, inputs)))
         if not self.steps:
             raise Unsupported("the model returns its input unchanged")
         self._step_of = {s.node: s for s in self.steps}
@@ -172,10 +186,8 @@ class OpProgram:
             n = s.node
             if s.entry.kind != "affine" and any(isinstance(env[a], (tuple, list)) for a in s.inputs):
                 raise Unsupported(f"{s.label} takes a tuple of tensors")
-            vjp = keep_vjp and (s.entry.kind == "affine" or (bool(s.params) and not isinstance(s.module, BlackBox)))
-            leaves = {}
-            if vjp and s.entry.kind == "affine":
-                leaves = {a: _leaf(env[a]) for a in s.inputs if a is not self.traced.x}
+            vjp = keep_vjp and (bool(s.folds) or (bool(s.params) and not isinstance(s.module, BlackBox)))
+            leaves = {a: _leaf(env[a]) for a in s.folds if a is not self.traced.x} if vjp else {}
             swap = {a: _copy(v) for a, v in leaves.items()} if s.inplace else dict(leaves)
             if s.inplace or s.entry.kind == "probed":  # a module we do not know may write its input
                 swap.update({a: _copy(env[a]) for a in s.inputs if a not in swap})
@@ -322,7 +334,9 @@ class OpRun:
             if t is None:
                 local.pop(s.node, None)
                 continue  # its output does not reach the loss
-            if isinstance(env[s.node], (tuple, list)):  # elements nobody read: zero targets
+            read = None
+            if isinstance(env[s.node], (tuple, list)):  # elements nobody read: zero targets (not probed)
+                read = [i for i, ti in enumerate(t) if ti is not None]
                 t = [torch.zeros_like(o) if ti is None and isinstance(o, torch.Tensor) else ti
                      for o, ti in zip(env[s.node], t)]
             wanted = [a for a in s.inputs if a is not p.traced.x and has_target(env[a])]
@@ -331,9 +345,12 @@ class OpRun:
             elif fused_elementwise(s, est.spp) and wanted:
                 got = [(wanted[0], None, self._probe_elementwise(s, env, t))]
             else:
-                got = [(a, None, self._probe(s, env, a, t) if batched(env[a], B) else self._probe_shared(s, env, a, t))
-                       for a in wanted]
-                self._probed_leaf(s, env, local.pop(s.node, None), t)
+                got = [(a, None, self._probe(s, env, a, t, read) if batched(env[a], B)
+                        else self._probe_shared(s, env, a, t)) for a in wanted if a not in s.folds]
+                if s.folds:  # the inputs it is affine in, and its leaf, by one VJP
+                    got += self._fold(s, local.pop(s.node), t, [a for a in wanted if a in s.folds])
+                else:
+                    self._probed_leaf(s, env, local.pop(s.node, None), t)
             for a, i, g in got:  # a's target gains g (element i of a tuple-valued a)
                 finite.append((s, a, torch.isfinite(g).all()))
                 if i is None:
@@ -362,7 +379,7 @@ class OpRun:
         inputs = [leaf for _, _, leaf in flat] + list(s.params)
         pairs = _pairs(out, t)
         if not pairs or not inputs:
-            return {}
+            return []
         # retain_graph: a constant computed from a parameter (w.t()) may feed several ops; each
         # op's own saved tensors go with its output, dropped after this call
         grads = torch.autograd.grad([o for o, _ in pairs], inputs, [ti.to(o.dtype) for o, ti in pairs],
@@ -397,15 +414,19 @@ class OpRun:
             self._qmodules[s.node] = copy.deepcopy(s.module).to(self.est._probe_dtype)
         return self._qmodules[s.node]
 
-    def _probe(self, s: OpStep, env, a_node, t):
+    def _probe(self, s: OpStep, env, a_node, t, read=None):
         """Target of input a_node of a probed op: +-eps copies of it through the op, the other
-        inputs clean (repeated per copy)."""
+        inputs clean (repeated per copy). ``read``: the items of a tuple-valued op that have a
+        target (only those are contracted: a GRU's unused hidden state is not batch first)."""
         from .estimator import probe_targets  # the one probe loop (perturb, query, contract)
         est, q = self.est, self.est._qcast
         a = env[a_node]
         a_q, eps = q(a), est._step(a)
         others = [b for b in s.inputs if b is not a_node]
-        tq = q(torch.cat([ti.reshape(ti.shape[0], -1) for ti in _tensors(t)], 1)) if not isinstance(t, torch.Tensor) \
+
+        def items(v):
+            return [v[i] for i in read] if read is not None else _tensors(v)
+        tq = q(torch.cat([ti.reshape(ti.shape[0], -1) for ti in items(t)], 1)) if not isinstance(t, torch.Tensor) \
             else q(t)
 
         def run_right(z: torch.Tensor, copies: int) -> torch.Tensor:
@@ -419,7 +440,11 @@ class OpRun:
             self.stats.forward_calls += 1
             if isinstance(y, torch.Tensor):
                 return y
-            return torch.cat([o.reshape(o.shape[0], -1) for o in _tensors(y)], 1)
+            if any(o.shape[0] != z.shape[0] for o in items(y)):
+                raise ValueError(f"op {s.index} ({s.label}) gives an output read later whose first dimension is not "
+                                 f"the batch ({[tuple(o.shape) for o in items(y)]} for {z.shape[0]} stacked rows); "
+                                 f"the probes stack copies along the first dimension")
+            return torch.cat([o.reshape(o.shape[0], -1) for o in items(y)], 1)
 
         coloring = est._op_coloring(s, a_node, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
         chunk = self.chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)

@@ -12,7 +12,8 @@ made of it is probed:
   perturbation folds exactly (``A(a + eps e_k) - A(a - eps e_k) = 2 eps A e_k``), so its
   probe is the transpose ``A^T target``, computed by the op's own VJP (no query).
 - everything else is ``probed``: the op is run on perturbed copies of each tensor input
-  (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense). Opaque nodes
+  (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense), except the inputs
+  it is affine in (``affine_args``: the values of attention, ``a`` in ``a / b``), which fold. Opaque nodes
   (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always probed.
 
 How the C++ executors run an op natively: ``lowering(module)`` gives the description of an
@@ -97,7 +98,8 @@ class OpEntry:
     (code, alpha, beta) for ``ops.probe_elementwise`` from a module's settings, or None."""
     kind: str  # "elementwise", "affine" or "probed"
     kernel: object = None
-    affine_args: tuple | None = None  # affine only in these positional args (None: in all)
+    affine_args: tuple | None = None  # affine only in these positional args (None: in all); a probed
+                                      # op folds the inputs found only there
 
 
 def _fixed(name):
@@ -150,6 +152,8 @@ for _c in (operator.add, operator.iadd, operator.sub, operator.isub, operator.ne
 for _c in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
     _CALLS[_c] = OpEntry("affine", affine_args=(0,))  # a / b is affine in a only
 _PROBED = OpEntry("probed")
+# Probed ops affine in some inputs: those fold (the VJP), the others are probed.
+_CALLS[F.scaled_dot_product_attention] = OpEntry("probed", affine_args=(2,))  # a weighted sum of the values
 
 # Ops whose output shares its input's storage (no memory of their own in the plan's prediction).
 _VIEW_CALLS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "expand_as",

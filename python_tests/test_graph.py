@@ -588,3 +588,47 @@ def test_bad_targets_named():
     with pytest.raises(ValueError, match=r"the loss failed on the model's output of shape \(3, 2\).*"
                                          r"y of shape \(3, 5\)"):
         hzo_ext.HZO(model, nn.MSELoss()).backward(x, torch.randn(3, 5, dtype=torch.float64))
+
+
+class AddInPlace(nn.Module):
+    """g.add_(h) with its result unused: the stage-wise C++ executor dropped the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.lin2, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        g = self.lin2(h)
+        g.add_(h)
+        return self.head(g)
+
+
+class ActInPlace(nn.Module):
+    """An in-place activation module on a value another op reads: the stage-wise C++ executor
+    overwrote it (wrong loss with check_samples=False, "not deterministic" with it)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.lin, self.act, self.head = nn.Linear(4, 4), act, nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.lin(x)
+        b = self.act(a)
+        return self.head(a * 1.5 + b)
+
+
+@pytest.mark.parametrize("make", [AddInPlace, lambda: ActInPlace(nn.ELU(inplace=True)),
+                                  lambda: ActInPlace(nn.Hardtanh(inplace=True)),
+                                  lambda: ActInPlace(nn.LeakyReLU(inplace=True))])
+@pytest.mark.parametrize("check_samples", [True, False])
+def test_in_place_writes_inside_traced_pieces_keep_the_model(make, check_samples):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    loss = nn.CrossEntropyLoss()
+    est = hzo_ext.HZO(model, loss, eps=1e-4, check_samples=check_samples)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(est.backward(x, y), loss(model(x), y), rtol=1e-12, atol=0)
+    ref = hzo_ext.reference_named_grads(model, loss, x, y)
+    assert min(hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref).values()) >= 0.9999

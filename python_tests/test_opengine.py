@@ -817,16 +817,18 @@ class Attention(nn.Module):
 def test_attention_and_row_ops_are_probed_spp_and_equal_the_reference(causal, mask):
     """SPP through layer norms and softmax over the last axis (one probe per feature, every
     token at once) and attention (a query row changes its own output row: one probe per
-    feature; a key or value its head: L*E probes, heads at once); a mask makes it dense.
-    Both op-level engines equal the reference (float64, 1e-10)."""
+    feature; a key its head: L*E probes, heads at once; the values fold); a mask makes it
+    dense. Both op-level engines equal the reference (float64, 1e-10)."""
     from hzo_ext import reference
     torch.manual_seed(0)
     model = Attention(causal, mask).double()
     x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.tensor([0, 2, 1])
     plan = hzo_ext.HZO(model, LOSS).plan(x)
     how = {plan.stage_names[s.j - 1].split(" (")[1].split(",")[0]: (s.how, s.probes) for s in plan.splits}
-    assert how["scaled_dot_product_attention"] == (("dense", 3 * 40) if mask else ("SPP", 4 + 20 + 20))
-    assert how["scaled_dot_product_attention_1"] == ("SPP", 20)  # q = k = v: its head
+    # the values fold (attention is a weighted sum of them): counted as a dense probe would be
+    assert how["scaled_dot_product_attention"] == (("dense + folded", 2 * 40 + 40) if mask else
+                                                   ("SPP + folded", 4 + 20 + 40))
+    assert how["scaled_dot_product_attention_1"] == ("SPP", 20)  # q = k = v: its head, probed
     assert how["layer_norm"] == how["ln: LayerNorm"] == how["softmax"] == how["sm: Softmax"] == ("SPP", 8)
     ref = reference.grads(reference.op_stages(model), LOSS, x, y, eps=1e-3, split="chain")
     for ex in ("auto", "python"):
@@ -834,3 +836,50 @@ def test_attention_and_row_ops_are_probed_spp_and_equal_the_reference(causal, ma
         hzo_ext.HZO(model, LOSS, eps=1e-3, executor=ex).backward(x, y)
         for name, p in model.named_parameters():
             assert ((p.grad - ref[p]).abs().max() / ref[p].abs().max()).item() <= 1e-10, (ex, name)
+
+
+# ---- found by hostile testing of the recorded ops (each was a silently wrong gradient) ----------
+
+class PlainAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.c = torch.randn(4)  # neither a parameter nor a buffer
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)) + self.c)
+
+
+def test_a_replaced_plain_tensor_attribute_is_seen():
+    """C++ kept the first value of `self.c` after `m.c = new tensor` (loss and gradients stale)."""
+    from hzo_ext import reference
+    torch.manual_seed(0)
+    model = PlainAttribute().double()
+    model.c = model.c.double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    est = hzo_ext.HZO(model, LOSS, eps=1e-3)
+    est.backward(x, y)
+    model.c = torch.randn(4, dtype=torch.float64) * 5
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(est.backward(x, y), LOSS(model(x), y), rtol=1e-12, atol=0)
+    ref = reference.grads(reference.op_stages(model), LOSS, x, y, eps=1e-3, split="chain")
+    for name, p in model.named_parameters():
+        assert ((p.grad - ref[p]).abs().max() / ref[p].abs().max()).item() <= 1e-10, name
+
+
+class GRUHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.rnn, self.head = nn.Linear(2, 3), nn.GRU(3, 3, batch_first=True), nn.Linear(12, 3)
+
+    def forward(self, x):
+        o, _ = self.rnn(torch.tanh(self.lin(x.view(x.size(0), 4, 2))))  # h_n [layers, B, H] is not read
+        return self.head(o.flatten(1))
+
+
+def test_a_tuple_item_nobody_reads_is_not_probed():
+    """A GRU's hidden state (batch on dim 1) made the probe fail with a size mismatch naming no op."""
+    torch.manual_seed(0)
+    model = GRUHead().double()
+    x, y = torch.randn(3, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    assert _min_cos(model, x, y) >= 0.9999

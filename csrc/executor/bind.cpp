@@ -220,7 +220,8 @@ void bind(py::module_& m) {
       .def_property_readonly("foldable", &Node::foldable);
 
   py::class_<OpStep>(m, "OpStep", "One op of the traced graph as the C++ op-level engine runs it.")
-      .def(py::init([](const std::string& mode, std::vector<int64_t> inputs, std::vector<bool> wants, int64_t output,
+      .def(py::init([](const std::string& mode, std::vector<int64_t> inputs, std::vector<bool> wants,
+                       std::vector<bool> folds, int64_t output,
                        std::optional<Node> node, const std::string& arith, const py::object& program, py::object call,
                        int64_t act, double alpha, double beta,
                        std::vector<at::Tensor> params, const std::vector<ProbeTuple>& probes,
@@ -231,6 +232,7 @@ void bind(py::module_& m) {
              s.mode = static_cast<OpMode>(it - kOpModes.begin());
              s.inputs = std::move(inputs);
              s.wants = std::move(wants);
+             s.folds = std::move(folds);
              s.output = output;
              if (node) s.node = std::move(*node);
              const auto a = std::find(kArith.begin(), kArith.end(), arith);
@@ -248,7 +250,7 @@ void bind(py::module_& m) {
              s.label = std::move(label);
              return s;
            }),
-           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("output"), py::arg("node"), py::arg("arith"),
+           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("folds"), py::arg("output"), py::arg("node"), py::arg("arith"),
            py::arg("program"), py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"), py::arg("params"), py::arg("probes"),
            py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
 

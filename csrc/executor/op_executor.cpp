@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "op_executor.h"
@@ -21,6 +22,9 @@ at::Tensor probe_elementwise_op(const at::Tensor& z, const at::Tensor& target, d
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, double, double)>();
   return op.call(z, target, eps, act, alpha, beta);
 }
+
+// Its target comes from the op's VJP (every input of an affine op; the flagged ones of a probed op).
+bool folded(const OpStep& s, size_t k) { return s.mode == OpMode::Affine || (!s.folds.empty() && s.folds[k]); }
 
 void add_to(at::Tensor& acc, const at::Tensor& g) { acc = acc.defined() ? acc + g : g; }
 
@@ -82,6 +86,8 @@ OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t ou
   for (const auto& s : steps_) {
     TORCH_CHECK(s.output > 0 && s.output < num_values_, "hzo op executor: ", s.label, ": output slot out of range");
     TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
+    TORCH_CHECK(s.folds.empty() || s.folds.size() == s.inputs.size(), "hzo op executor: ", s.label,
+                ": one folds flag per input");
     TORCH_CHECK(!s.inputs.empty() || s.call || s.program, "hzo op executor: ", s.label,
                 " has no input and no program or callback");
     TORCH_CHECK(s.arith == Arith::None || s.inputs.size() == 2, "hzo op executor: ", s.label,
@@ -132,11 +138,12 @@ std::vector<at::Tensor> OpExecutor::forward(const at::Tensor& x) {
   RunCounts counts;
   for (size_t i = 0; i < steps_.size(); ++i) {
     const OpStep& s = steps_[i];
-    const bool vjp = s.mode == OpMode::Affine || !s.params.empty();
+    const bool vjp = s.mode == OpMode::Affine || !s.params.empty() ||
+                     std::find(s.folds.begin(), s.folds.end(), true) != s.folds.end();
     std::vector<at::Tensor> ins;
     for (size_t k = 0; k < s.inputs.size(); ++k) {
       const at::Tensor& v = values_[s.inputs[k]];
-      if (vjp && s.mode == OpMode::Affine && s.wants[k]) {  // its VJP gives this input's target
+      if (vjp && folded(s, k) && s.wants[k]) {  // its VJP gives this input's target
         leaves_[i].push_back(v.detach().requires_grad_(true));
         ins.push_back(leaves_[i].back());
       } else {
@@ -203,7 +210,7 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
     }
     std::vector<std::pair<int64_t, at::Tensor>> got;  // (input slot, its target's part)
     std::vector<at::Tensor> param_grads;
-    if (s.mode == OpMode::Affine) {  // A^T t and the weight gradient, by the op's VJP
+    if (s.mode == OpMode::Affine || !leaves_[i].empty()) {  // A^T t and the weight gradient, by the op's VJP
       std::vector<at::Tensor> wrt(leaves_[i].begin(), leaves_[i].end());
       wrt.insert(wrt.end(), s.params.begin(), s.params.end());
       if (!wrt.empty() && local_[i].requires_grad()) {
@@ -212,7 +219,7 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
         size_t leaf = 0;
         int64_t n_in = 0;
         for (size_t k = 0; k < s.inputs.size(); ++k) {
-          if (!s.wants[k]) continue;
+          if (!s.wants[k] || !folded(s, k)) continue;
           n_in += values_[s.inputs[k]].numel() / values_[s.inputs[k]].size(0);
           if (g[leaf].defined()) got.emplace_back(s.inputs[k], g[leaf]);
           ++leaf;
@@ -221,7 +228,8 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
         out.probes += n_in;  // what a dense probe would query; the fold needs none
         out.fd_layer_evals += 2 * n_in;
       }
-    } else if (s.mode == OpMode::Elementwise || s.mode == OpMode::ElementwiseCall) {
+    }
+    if (s.mode == OpMode::Elementwise || s.mode == OpMode::ElementwiseCall) {
       if (!s.wants.empty() && s.wants[0]) {
         const at::Tensor& a = values_[s.inputs[0]];
         const double eps = step(a);
@@ -235,11 +243,11 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
         out.probes += 1;
         out.fd_layer_evals += 2;
       }
-    } else {
+    } else if (s.mode == OpMode::Probed) {
       for (size_t k = 0; k < s.inputs.size(); ++k) {
-        if (s.wants[k]) got.emplace_back(s.inputs[k], probe(s, k, ti, counts, out));
+        if (s.wants[k] && !folded(s, k)) got.emplace_back(s.inputs[k], probe(s, k, ti, counts, out));
       }
-      if (!s.params.empty() && local_[i].defined() && local_[i].requires_grad()) {  // the local VJP
+      if (leaves_[i].empty() && !s.params.empty() && local_[i].defined() && local_[i].requires_grad()) {  // the local VJP
         param_grads = torch::autograd::grad({local_[i]}, s.params, {ti.to(local_[i].scalar_type())},
                                             /*retain_graph=*/true, /*create_graph=*/false, /*allow_unused=*/true);
       }

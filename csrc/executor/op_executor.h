@@ -67,6 +67,8 @@ struct OpStep {
   std::vector<int64_t> inputs;  // value slots of its x-dependent tensor inputs (slot 0: x); none
                                 // for a callback reading sizes only (torch.zeros(x.size(0), 5))
   std::vector<bool> wants;      // per input: it needs a target (not x, floating, batch first)
+  std::vector<bool> folds;      // per input of a Probed op: its target is the op's VJP (an input
+                                // the op is affine in, the values of attention); Affine: all
   int64_t output = 0;           // its value slot
   Node node;                    // one input: the lowered op (native or a Callback node)
   Arith arith = Arith::None;    // two inputs: inputs[0] + - * inputs[1]
