@@ -797,7 +797,10 @@ class HZO(StageEstimator):
                 how = "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
                 how += " + folded" if len(probed) < len(ins) else ""
                 K = max([c.num_colors for c in colorings] + [1])
-                per_probe = 2 * B * item * (max([size(a) for a in probed] + [0]) + n_out)
+                # a probe's copies: the perturbed input, the others repeated, the output (the
+                # op's own temporaries, attention's weights, are not counted)
+                every = sum(size(a) for a in s.inputs if shapes[pos[a]] is not None)
+                per_probe = 2 * B * item * (every + n_out)
                 c = K if self.chunk_size is None else min(K, self.chunk_size)
                 if self.chunk_size is None:  # the chunk follows from the memory budget
                     c = max(1, min(K, (budget - stored - targets - 2 * B * item * n_in) // per_probe))

@@ -66,6 +66,9 @@ class OpStep:
 
 
 def _folded_inputs(n: fx.Node, entry: OpEntry, inputs: tuple) -> tuple:
+    """The inputs of n whose targets its VJP gives: all for an affine op; for a probed one,
+    those passed only as positional arguments its entry's ``affine_args`` names (a tensor also
+    passed elsewhere, or in a list or keyword, is probed)."""
     if entry.kind == "affine":
         return inputs
     if entry.affine_args is None:

@@ -13,8 +13,9 @@ made of it is probed:
   probe is the transpose ``A^T target``, computed by the op's own VJP (no query).
 - everything else is ``probed``: the op is run on perturbed copies of each tensor input
   (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense), except the inputs
-  it is affine in (``affine_args``: the values of attention, ``a`` in ``a / b``), which fold. Opaque nodes
-  (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always probed.
+  it is affine in (``affine_args``: the values of attention, ``a`` in ``a / b``), which
+  fold. Opaque nodes (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always
+  probed.
 
 How the C++ executors run an op natively: ``lowering(module)`` gives the description of an
 ``_C.ExecNode`` (csrc/executor/stages.cpp) for the module types they run as ATen calls, and

@@ -144,8 +144,8 @@ c10::IValue constant(const py::handle& value, const c10::Argument& arg) {
 }
 
 // (tensors, [(name, overload, [(kind, value) per schema argument], values after it)], output,
-// clone_inputs) from
-// hzo_ext/executor.py aten_program; every reference is checked against the values before it.
+// clone_inputs) from hzo_ext/executor.py aten_program; every reference is checked against the
+// values before it.
 std::shared_ptr<const AtenProgram> make_program(const py::object& spec, int64_t num_inputs, const std::string& label) {
   if (spec.is_none()) return nullptr;
   const auto t = spec.cast<py::tuple>();
@@ -221,9 +221,8 @@ void bind(py::module_& m) {
 
   py::class_<OpStep>(m, "OpStep", "One op of the traced graph as the C++ op-level engine runs it.")
       .def(py::init([](const std::string& mode, std::vector<int64_t> inputs, std::vector<bool> wants,
-                       std::vector<bool> folds, int64_t output,
-                       std::optional<Node> node, const std::string& arith, const py::object& program, py::object call,
-                       int64_t act, double alpha, double beta,
+                       std::vector<bool> folds, int64_t output, std::optional<Node> node, const std::string& arith,
+                       const py::object& program, py::object call, int64_t act, double alpha, double beta,
                        std::vector<at::Tensor> params, const std::vector<ProbeTuple>& probes,
                        std::optional<int64_t> chunk_size, int64_t num_outputs, std::string label) {
              OpStep s;
@@ -250,9 +249,9 @@ void bind(py::module_& m) {
              s.label = std::move(label);
              return s;
            }),
-           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("folds"), py::arg("output"), py::arg("node"), py::arg("arith"),
-           py::arg("program"), py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"), py::arg("params"), py::arg("probes"),
-           py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
+           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("folds"), py::arg("output"), py::arg("node"),
+           py::arg("arith"), py::arg("program"), py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"),
+           py::arg("params"), py::arg("probes"), py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
 
   py::class_<OpExecutor>(m, "OpExecutor", "Runs the op-level engine's estimates (hzo_ext/executor.py CppOps).")
       .def(py::init<std::vector<OpStep>, int64_t, int64_t, double, bool>(), py::arg("steps"), py::arg("num_values"),
@@ -274,7 +273,6 @@ void bind(py::module_& m) {
             d["fd_layer_evals"] = o.fd_layer_evals;
             d["splits"] = o.splits;
             d["python_calls"] = o.python_calls;
-            d["forward_calls"] = o.forward_calls;
             py::list grads;
             for (auto& [p, g] : o.grads) grads.append(py::make_tuple(p, g));
             d["grads"] = grads;

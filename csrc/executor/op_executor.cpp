@@ -23,6 +23,13 @@ at::Tensor probe_elementwise_op(const at::Tensor& z, const at::Tensor& target, d
   return op.call(z, target, eps, act, alpha, beta);
 }
 
+// Coordinates per sample (1 for a tensor without a batch dimension), as hzo_ext/opengine.py counts them.
+int64_t per_sample(const at::Tensor& v) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < v.dim(); ++d) n *= v.size(d);
+  return n;
+}
+
 // Its target comes from the op's VJP (every input of an affine op; the flagged ones of a probed op).
 bool folded(const OpStep& s, size_t k) { return s.mode == OpMode::Affine || (!s.folds.empty() && s.folds[k]); }
 
@@ -179,7 +186,6 @@ at::Tensor OpExecutor::probe(const OpStep& s, size_t k, const at::Tensor& target
                            : repeated(values_[s.inputs[q]], 2 * K, B));
     }
     const at::Tensor y = run(s, ins, counts);
-    ++out.forward_calls;
     std::vector<int64_t> shape{2, K, B};
     shape.insert(shape.end(), y.sizes().begin() + 1, y.sizes().end());
     add_to(delta, contract_chunk(c, p.spp ? &*p.spp : nullptr, y.reshape(shape), target, eps, p.num_inputs));
@@ -195,7 +201,6 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
   // leaves' VJPs run on the graphs the clean forward kept.
   at::NoGradGuard no_grad;
   OpOutcome out;
-  out.forward_calls = 1;
   RunCounts counts;
   std::vector<at::Tensor> t(num_values_);
   t[out_slot_] = delta_out;
@@ -220,7 +225,7 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
         int64_t n_in = 0;
         for (size_t k = 0; k < s.inputs.size(); ++k) {
           if (!s.wants[k] || !folded(s, k)) continue;
-          n_in += values_[s.inputs[k]].numel() / values_[s.inputs[k]].size(0);
+          n_in += per_sample(values_[s.inputs[k]]);
           if (g[leaf].defined()) got.emplace_back(s.inputs[k], g[leaf]);
           ++leaf;
         }
@@ -247,7 +252,8 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
       for (size_t k = 0; k < s.inputs.size(); ++k) {
         if (s.wants[k] && !folded(s, k)) got.emplace_back(s.inputs[k], probe(s, k, ti, counts, out));
       }
-      if (leaves_[i].empty() && !s.params.empty() && local_[i].defined() && local_[i].requires_grad()) {  // the local VJP
+      // the local VJP (already taken with the folded inputs' targets when there are any)
+      if (leaves_[i].empty() && !s.params.empty() && local_[i].defined() && local_[i].requires_grad()) {
         param_grads = torch::autograd::grad({local_[i]}, s.params, {ti.to(local_[i].scalar_type())},
                                             /*retain_graph=*/true, /*create_graph=*/false, /*allow_unused=*/true);
       }

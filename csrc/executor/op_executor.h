@@ -66,7 +66,7 @@ struct OpStep {
   OpMode mode = OpMode::Probed;
   std::vector<int64_t> inputs;  // value slots of its x-dependent tensor inputs (slot 0: x); none
                                 // for a callback reading sizes only (torch.zeros(x.size(0), 5))
-  std::vector<bool> wants;      // per input: it needs a target (not x, floating, batch first)
+  std::vector<bool> wants;      // per input: it needs a target (not x, floating)
   std::vector<bool> folds;      // per input of a Probed op: its target is the op's VJP (an input
                                 // the op is affine in, the values of attention); Affine: all
   int64_t output = 0;           // its value slot
@@ -83,7 +83,7 @@ struct OpStep {
 
 struct OpOutcome {
   int64_t failure = -1;  // the op whose query gave inf/nan (nearest the output), or -1
-  int64_t probes = 0, fd_layer_evals = 0, splits = 0, python_calls = 0, forward_calls = 0;
+  int64_t probes = 0, fd_layer_evals = 0, splits = 0, python_calls = 0;
   std::vector<std::pair<at::Tensor, at::Tensor>> grads;  // (parameter, gradient), empty on failure
 };
 
