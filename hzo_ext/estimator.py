@@ -738,19 +738,26 @@ class HZO(StageEstimator):
 
     def _op_coloring(self, step, a, in_shape, out_shape):
         """How input ``a`` (a node) of shape in_shape of a probed op is probed: the SPP coloring
-        of its module or call where the footprint is known and needs fewer probes, else dense."""
+        of its module or call where the footprint is known and (spp='auto') needs fewer probes,
+        else dense; spp=True: colored or a ValueError naming the op."""
         key = (step.node, a, in_shape, out_shape, self.spp)
         if key not in self._colorings:
             dense = spp_geometry.DenseColoring(math.prod(in_shape))
             chosen = dense
-            module = step.module is not None and len(step.inputs) == 1
-            if self.spp is not False and len(in_shape) >= 2 and (module or spp_geometry.is_known_call(step.node)):
+            if self.spp is True or (self.spp == "auto" and len(in_shape) >= 2):
                 try:
-                    colored = spp_geometry.coloring_for([step.module], in_shape, out_shape, [step.label], [in_shape]) \
-                        if module else spp_geometry.coloring_for_call(step.node, a, in_shape, out_shape)
-                    chosen = colored if colored.num_colors < dense.num_colors else dense
-                except spp_geometry.NoFootprint:
-                    pass
+                    if step.module is not None and len(step.inputs) == 1:
+                        colored = spp_geometry.coloring_for([step.module], in_shape, out_shape, [step.label],
+                                                            [in_shape])
+                    elif spp_geometry.is_known_call(step.node):
+                        colored = spp_geometry.coloring_for_call(step.node, a, in_shape, out_shape)
+                    else:
+                        raise spp_geometry.NoFootprint(step.label, "no known footprint for this op")
+                    chosen = colored if self.spp is True or colored.num_colors < dense.num_colors else dense
+                except spp_geometry.NoFootprint as why:
+                    if self.spp is True:
+                        raise ValueError(f"spp=True: op {step.index} ({step.label}) cannot be colored on its input "
+                                         f"{a.name}: {why}; use spp='auto' to probe such ops densely") from None
             self._colorings[key] = chosen
         return self._colorings[key]
 
@@ -771,17 +778,19 @@ class HZO(StageEstimator):
         stored = B * item * (size(prog.traced.x) + sum(size(s.node) for s in prog.steps if not opengine.view_like(s)))
         # Targets alive while op s is probed: its own, and those of earlier values an op at or
         # after s reads (a skip connection's target waits for the block's input).
-        steps = [s for s in prog.steps if shapes[s.index] is not None]
+        shared = prog.traced.shared  # the same for every sample (a causal mask): no target
+        steps = [s for s in prog.steps if shapes[s.index] is not None and s.node not in shared]
+        targeted = lambda a: a is not prog.traced.x and a not in shared and shapes[pos[a]] is not None  # noqa: E731
         last_read = {}
         for s in steps:
             for a in s.inputs:
-                if a is not prog.traced.x and shapes[pos[a]] is not None:
+                if targeted(a):
                     last_read[a] = max(last_read.get(a, 0), s.index)
         budget = self.memory_budget or opengine.default_memory_budget(x.device)
         splits, names, chunk_of = [], [], {}
         for k, s in enumerate(reversed(steps)):
             n_out = size(s.node)
-            ins = [a for a in s.inputs if a is not prog.traced.x and shapes[pos[a]] is not None]
+            ins = [a for a in s.inputs if targeted(a)]
             n_in = sum(size(a) for a in ins)
             pending = n_out + sum(size(a) for a, r in last_read.items() if pos[a] < s.index <= r)
             targets = B * item * pending
@@ -799,7 +808,7 @@ class HZO(StageEstimator):
                 K = max([c.num_colors for c in colorings] + [1])
                 # a probe's copies: the perturbed input, the others repeated, the output (the
                 # op's own temporaries, attention's weights, are not counted)
-                every = sum(size(a) for a in s.inputs if shapes[pos[a]] is not None)
+                every = sum(size(a) for a in s.inputs if shapes[pos[a]] is not None and a not in shared)
                 per_probe = 2 * B * item * (every + n_out)
                 c = K if self.chunk_size is None else min(K, self.chunk_size)
                 if self.chunk_size is None:  # the chunk follows from the memory budget

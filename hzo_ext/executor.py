@@ -158,6 +158,8 @@ def _lower_piece(stage, callback, watch: list, python: list):
         if n not in state or n is x:
             continue
         ins = [a for a in n.all_input_nodes if a in state]
+        if any(u.target is operator.getitem and isinstance(u.args[1], int) for u in n.users):
+            return None  # a tuple (an LSTM's output): the ExecNodes pass tensors; the piece runs in Python
         writes = _writes_input(n, stage.piece.get_submodule(n.target) if n.op == "call_module" else None)
         if n.target in SUMS and len(ins) == 2 and len(n.args) == 2 and not n.kwargs and not writes:
             ops[n] = (tuple(ins), None)
@@ -615,7 +617,7 @@ class CppOps:
             ins = [env[a] for a in inputs]
             if not all(isinstance(v, torch.Tensor) for v in ins):
                 return None, f"op {s.index} ({s.label}) takes a tuple of tensors"
-            wants = [a is not t.x and opengine.has_target(v) for a, v in zip(inputs, ins)]
+            wants = [a is not t.x and a not in t.shared and opengine.has_target(v) for a, v in zip(inputs, ins)]
             mode, act, alpha, beta = "probed", 0, 0.0, 0.0
             if s.entry.kind == "affine":
                 mode = "affine"
@@ -647,7 +649,8 @@ class CppOps:
                     coloring.channelwise)
                 probes.append((coloring.colors(x.device), coloring.num_colors, math.prod(v.shape[1:]), spp))
             labels.append(f"op {s.index} ({s.label})")
-            steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, folds, slots[n], node, arith, recorded, call, act,
+            steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, folds, [a in t.shared for a in inputs],
+                                   slots[n], node, arith, recorded, call, act,
                                    alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
                                    math.prod(out.shape[1:]), labels[-1]))
         core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")

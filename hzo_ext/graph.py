@@ -188,14 +188,35 @@ def _is_meta(node: fx.Node, meta: set) -> bool:
     return False
 
 
+_NOT_SIZES = {"device", "dtype", "ndim", "layout", "is_cuda", "requires_grad"}
+
+
+def _other_than_batch(n: fx.Node, batch_sizes: set) -> bool:
+    """The meta node n is certainly not a tensor's first size (x.size(1), x.shape[2], x.device,
+    arithmetic on such sizes); anything else (x.shape, x.size(0), numel) may hold the batch's."""
+    k = n.args[1] if len(n.args) > 1 else None
+    if n.op == "call_function" and n.target is getattr:
+        return k in _NOT_SIZES
+    if n.op == "call_method":
+        return n.target in ("dim", "ndimension", "get_device", "is_contiguous") or (
+            n.target == "size" and type(k) is int and k >= 1)
+    if n.op == "call_function" and n.target is operator.getitem:  # x.shape[k]
+        return type(k) is int and k >= 1
+    return n.op == "call_function" and n.target in _SIZE_ARITHMETIC and \
+        not any(a in batch_sizes for a in n.all_input_nodes)
+
+
 class Traced:
     """A model's graph with its one input ``x`` and output ``out``; ``order``: the nodes whose
     value depends on x (x first), in topological order; ``meta``: those of them that are sizes
-    or other non-tensors; ``through``: the modules whose Python fx ran (the root and containers,
-    not the leaves it recorded as calls)."""
+    or other non-tensors; ``shared``: those that are tensors made from constants and sizes
+    other than the batch's (no target, the same for every sample); ``through``: the modules
+    whose Python fx ran (the root and containers, not the leaves it recorded as calls)."""
 
-    def __init__(self, graph: fx.Graph, x: fx.Node, out: fx.Node, order: list, meta: set, through: list):
+    def __init__(self, graph: fx.Graph, x: fx.Node, out: fx.Node, order: list, meta: set, through: list,
+                 shared: set = frozenset()):
         self.graph, self.x, self.out, self.order, self.meta, self.through = graph, x, out, order, meta, through
+        self.shared = shared
 
 
 def trace(model: nn.Module) -> Traced:
@@ -233,11 +254,29 @@ def trace(model: nn.Module) -> Traced:
             state.add(n)
             if _is_meta(n, meta):
                 meta.add(n)
+    # Tensors made from constants and sizes other than the batch's alone (a causal mask
+    # torch.ones(L, L, device=x.device).tril()): the same for every sample and every probe, never
+    # given a target or stacked with the batch. A size that may be the batch's (x.shape,
+    # x.size(0), numel) makes a tensor per sample (cls_token.expand(x.shape[0], -1, -1)), and a
+    # parameter one that needs a target for its leaf (position embeddings of arange(x.size(1))).
+    params = {name for name, _ in model.named_parameters()}
+    reads_params = lambda n: (n.op == "get_attr" and n.target in params) or (  # noqa: E731
+        n.op == "call_module" and next(model.get_submodule(n.target).parameters(), None) is not None)
+    data, batch_sizes, trained = {x}, set(), set()
+    for n in nodes:
+        if reads_params(n) or any(a in trained for a in n.all_input_nodes):
+            trained.add(n)
+        if n in meta:
+            if not _other_than_batch(n, batch_sizes):
+                batch_sizes.add(n)
+        elif n in state and (n in trained or any(a in data or a in batch_sizes for a in n.all_input_nodes)):
+            data.add(n)
+    shared = state - data - meta
     order = [n for n in nodes if n in state]  # x first
     leaves = {n.target for n in nodes if n.op == "call_module"}
     through = [m for name, m in model.named_modules()
                if not any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)]
-    return Traced(graph, x, out, order, meta, through)
+    return Traced(graph, x, out, order, meta, through, shared)
 
 
 def stages_of(model: nn.Module) -> Stages:

@@ -114,10 +114,11 @@ class OpProgram:
         for n in t.order[1:]:  # sizes and bools too: they get no target (decided by their values)
             module = self.model.get_submodule(n.target) if n.op == "call_module" else None
             entry = entry_for(n.op, n.target, module)
-            if entry.affine_args is not None and any(isinstance(a, fx.Node) and a in self.state
-                                                     for k, a in enumerate(n.args) if k not in entry.affine_args):
-                entry = OpEntry("probed", affine_args=entry.affine_args)  # a / b with b depending on x: a folds
-            inputs = tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state))
+            if entry.kind == "affine" and entry.affine_args is not None and \
+                    set(_folded_inputs(n, OpEntry("probed", affine_args=entry.affine_args), self._state_of(n))) != \
+                    set(self._state_of(n)):  # a / b (or div(a, other=b)) with b depending on x: a folds
+                entry = OpEntry("probed", affine_args=entry.affine_args)
+            inputs = self._state_of(n)
             own = list(module.parameters()) if module is not None else []
             own += [params[c.target] for c in self._constants_of(n) if c.target in params]
             own = tuple(p for p in dict.fromkeys(own) if p.requires_grad)
@@ -142,6 +143,9 @@ class OpProgram:
                 later = [u for u in getattr(first, "users", ()) if u is not s.node and pos.get(u, -1) > pos[s.node]]
                 if later:
                     raise Unsupported(f"{s.label} writes {first.name} in place and {later[0].name} reads it after")
+
+    def _state_of(self, n: fx.Node) -> tuple:
+        return tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state))
 
     def _constants_of(self, n: fx.Node):
         """get_attr nodes among n's constant (x-independent) ancestors."""
@@ -200,6 +204,8 @@ class OpProgram:
             if not isinstance(out, (torch.Tensor, tuple, list)) or not _tensors(out):
                 env[n] = out  # a bool or size from an assert or a shape check: no target
                 continue
+            if isinstance(out, (tuple, list)) and any(isinstance(o, (tuple, list)) for o in out):
+                raise Unsupported(f"{s.label} gives a nested tuple (an LSTM's (output, (h_n, c_n)))")
             if vjp:
                 local[n] = (out, leaves)
             env[n] = out.detach() if isinstance(out, torch.Tensor) else \
@@ -342,7 +348,7 @@ class OpRun:
                 read = [i for i, ti in enumerate(t) if ti is not None]
                 t = [torch.zeros_like(o) if ti is None and isinstance(o, torch.Tensor) else ti
                      for o, ti in zip(env[s.node], t)]
-            wanted = [a for a in s.inputs if a is not p.traced.x and has_target(env[a])]
+            wanted = [a for a in s.inputs if a is not p.traced.x and a not in p.traced.shared and has_target(env[a])]
             if s.entry.kind == "affine":
                 got = self._fold(s, local.pop(s.node), t, wanted)
             elif fused_elementwise(s, est.spp) and wanted:
@@ -436,8 +442,8 @@ class OpRun:
             swap = {a_node: z}
             for b in others:  # repeated along the batch (a tensor made from sizes only as it is)
                 v = env[b]
-                swap[b] = q(v).repeat(copies, *([1] * (v.dim() - 1))) \
-                    if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == a.shape[0] else v
+                swap[b] = q(v).repeat(copies, *([1] * (v.dim() - 1))) if b not in self.p.traced.shared and \
+                    isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == a.shape[0] else v
             args, kwargs = self.p._args(s.node, env, swap)
             y = self.p._call(s.node, args, kwargs, self._qmodule(s))
             self.stats.forward_calls += 1

@@ -242,7 +242,7 @@ def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footpri
     if isinstance(mod, nn.LayerNorm) and 0 < len(mod.normalized_shape) <= r and \
             tuple(mod.normalized_shape) == in_sizes[r - len(mod.normalized_shape):]:
         return _within_last_axes(in_sizes, len(mod.normalized_shape))
-    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim in (-1, r):
+    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim in (-1, r + 1):  # [B, C, *S]: the last is r + 1
         return _within_last_axes(in_sizes, 1)
     if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1 and all(n == 1 for n in in_sizes):
         return Footprint.identity(in_sizes)  # [C, 1, .., 1] -> [C]: the same elements; sizes kept as 1s
@@ -355,7 +355,7 @@ def call_footprint(n: fx.Node, arg: fx.Node, in_sizes: tuple[int, ...], out_size
             return _reads_all(in_sizes, out_sizes)
     elif n.target in _SOFTMAX_CALLS and n.args and n.args[0] is arg:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-        if dim in (-1, r):
+        if dim in (-1, r + 1):  # the last axis of [B, C, *S]
             return _within_last_axes(in_sizes, 1)
     raise NoFootprint(where, "no known footprint for this call")
 

@@ -1,6 +1,7 @@
 """The default engine (split='auto', hzo_ext.opengine): op-level cuts, affine ops folded,
 elementwise ops probed by the fused kernels; the fused-probe ops against the unfused probe."""
 import copy
+import math
 
 import pytest
 import torch
@@ -883,3 +884,99 @@ def test_a_tuple_item_nobody_reads_is_not_probed():
     model = GRUHead().double()
     x, y = torch.randn(3, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
     assert _min_cos(model, x, y) >= 0.9999
+
+
+# ---- found by hostile testing of the transformer footprints and folds ---------------------------
+
+class SoftmaxOver(nn.Module):
+    def __init__(self, fn, shape):
+        super().__init__()
+        self.lin, self.fn = nn.Linear(shape[-1], shape[-1]), fn
+        self.head = nn.Linear(math.prod(shape), 3)
+
+    def forward(self, x):
+        return self.head(self.fn(self.lin(x)).flatten(1))
+
+
+@pytest.mark.parametrize("fn, shape, colored", [
+    (nn.Softmax(dim=1), (3, 4), False), (lambda h: F.softmax(h, 1), (3, 4), False),
+    (lambda h: h.log_softmax(dim=1), (3, 4), False), (lambda h: F.softmax(h, dim=2), (2, 3, 4), False),
+    (nn.Softmax(dim=2), (3, 4), True), (lambda h: torch.softmax(h, 3), (2, 3, 4), True)])
+def test_softmax_over_another_axis_than_the_last_is_not_colored_as_the_last(fn, shape, colored):
+    """dim=1 on [B, C, L] was colored as the last axis: the gradients before it came out zero."""
+    from hzo_ext import reference
+    torch.manual_seed(0)
+    model = SoftmaxOver(fn, shape).double()
+    x, y = torch.randn(3, *shape, dtype=torch.float64), torch.tensor([0, 2, 1])
+    plan = hzo_ext.HZO(model, LOSS).plan(x)
+    assert any(s.how == "SPP" for s in plan.splits) == colored, str(plan)
+    ref = reference.grads(reference.op_stages(model), LOSS, x, y, eps=1e-3, split="chain")
+    scale = max(g.abs().max() for g in ref.values())  # lin.bias's true gradient is 0 for dim=1
+    for ex in ("auto", "python"):
+        model.zero_grad(set_to_none=True)
+        hzo_ext.HZO(model, LOSS, eps=1e-3, executor=ex).backward(x, y)
+        for name, p in model.named_parameters():
+            assert ((p.grad - ref[p]).abs().max() / scale).item() <= 1e-10, (ex, name)
+            assert (p.grad - ref[p]).abs().max() <= 1e-6 * ref[p].abs().max() + 1e-12, (ex, name)
+
+
+class CausalMask(nn.Module):
+    """A causal mask made from sizes on x's device (its first size equals the batch's here)."""
+
+    def __init__(self, div_kw=False):
+        super().__init__()
+        self.qkv, self.head, self.div_kw = nn.Linear(4, 12), nn.Linear(12, 3), div_kw
+
+    def forward(self, x):  # [B, L=3, 4]
+        q, k, v = self.qkv(x).unflatten(-1, (3, 1, 4)).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = torch.ones(3, 3, dtype=torch.bool, device=x.device).tril()
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).flatten(1)
+        if self.div_kw:  # the divisor depends on x: probed, not folded
+            h = torch.div(h, other=1 + h.pow(2).sum(1, keepdim=True))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("div_kw", [False, True])
+def test_a_mask_made_from_sizes_is_shared_by_the_samples(div_kw):
+    """With B == L the mask was stacked with the probes as if it were batched (a crash), and it
+    was probed; div(a, other=b) folded b as if the op were affine in it."""
+    from hzo_ext import reference
+    torch.manual_seed(0)
+    model = CausalMask(div_kw).double()
+    x, y = torch.randn(3, 3, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    plan = hzo_ext.HZO(model, LOSS).plan(x)
+    assert not any("tril" in plan.stage_names[s.j - 1] or "ones" in plan.stage_names[s.j - 1] for s in plan.splits)
+    ref = reference.grads(reference.op_stages(model), LOSS, x, y, eps=1e-3, split="chain")
+    for ex in ("auto", "python"):
+        model.zero_grad(set_to_none=True)
+        hzo_ext.HZO(model, LOSS, eps=1e-3, executor=ex).backward(x, y)
+        for name, p in model.named_parameters():
+            assert ((p.grad - ref[p]).abs().max() / ref[p].abs().max()).item() <= 1e-10, (ex, name)
+    with pytest.raises(ValueError, match=r"spp=True: op \d+ \((scaled_dot_product_attention|div)\) cannot be colored"):
+        hzo_ext.HZO(model, LOSS, spp=True).plan(x)
+
+
+class LSTMHidden(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.rnn, self.head = nn.Linear(2, 3), nn.LSTM(3, 3, batch_first=True), nn.Linear(3, 3)
+
+    def forward(self, x):
+        _, (hn, cn) = self.rnn(torch.tanh(self.lin(x.view(x.size(0), 4, 2))))
+        return self.head(hn[0])
+
+
+def test_a_nested_tuple_output_is_not_dropped():
+    """The LSTM's (h_n, c_n) inside its output tuple lost its target: p.grad None for the LSTM
+    and everything before it, no error."""
+    torch.manual_seed(0)
+    model = LSTMHidden().double()
+    x, y = torch.randn(3, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    est = hzo_ext.HZO(model, LOSS, eps=1e-4)
+    est.backward(x, y)
+    assert "nested tuple" in est.engine_reason
+    ref = hzo_ext.reference_named_grads(model, LOSS, x, y)
+    got = hzo_ext.named_grads(model)
+    for name, g in ref.items():
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-8)

@@ -221,7 +221,8 @@ void bind(py::module_& m) {
 
   py::class_<OpStep>(m, "OpStep", "One op of the traced graph as the C++ op-level engine runs it.")
       .def(py::init([](const std::string& mode, std::vector<int64_t> inputs, std::vector<bool> wants,
-                       std::vector<bool> folds, int64_t output, std::optional<Node> node, const std::string& arith,
+                       std::vector<bool> folds, std::vector<bool> shared, int64_t output, std::optional<Node> node,
+                       const std::string& arith,
                        const py::object& program, py::object call, int64_t act, double alpha, double beta,
                        std::vector<at::Tensor> params, const std::vector<ProbeTuple>& probes,
                        std::optional<int64_t> chunk_size, int64_t num_outputs, std::string label) {
@@ -232,6 +233,7 @@ void bind(py::module_& m) {
              s.inputs = std::move(inputs);
              s.wants = std::move(wants);
              s.folds = std::move(folds);
+             s.shared = std::move(shared);
              s.output = output;
              if (node) s.node = std::move(*node);
              const auto a = std::find(kArith.begin(), kArith.end(), arith);
@@ -249,7 +251,7 @@ void bind(py::module_& m) {
              s.label = std::move(label);
              return s;
            }),
-           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("folds"), py::arg("output"), py::arg("node"),
+           py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("folds"), py::arg("shared"), py::arg("output"), py::arg("node"),
            py::arg("arith"), py::arg("program"), py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"),
            py::arg("params"), py::arg("probes"), py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
 

@@ -95,6 +95,8 @@ OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t ou
     TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
     TORCH_CHECK(s.folds.empty() || s.folds.size() == s.inputs.size(), "hzo op executor: ", s.label,
                 ": one folds flag per input");
+    TORCH_CHECK(s.shared.empty() || s.shared.size() == s.inputs.size(), "hzo op executor: ", s.label,
+                ": one shared flag per input");
     TORCH_CHECK(!s.inputs.empty() || s.call || s.program, "hzo op executor: ", s.label,
                 " has no input and no program or callback");
     TORCH_CHECK(s.arith == Arith::None || s.inputs.size() == 2, "hzo op executor: ", s.label,
@@ -182,8 +184,9 @@ at::Tensor OpExecutor::probe(const OpStep& s, size_t k, const at::Tensor& target
     rows[0] = -1;
     std::vector<at::Tensor> ins;
     for (size_t q = 0; q < s.inputs.size(); ++q) {
-      ins.push_back(q == k ? perturb_op(a, p.colors, c.ids, eps).reshape(rows)  // [2KB, *S]
-                           : repeated(values_[s.inputs[q]], 2 * K, B));
+      ins.push_back(q == k                           ? perturb_op(a, p.colors, c.ids, eps).reshape(rows)  // [2KB, *S]
+                    : !s.shared.empty() && s.shared[q] ? values_[s.inputs[q]]
+                                                     : repeated(values_[s.inputs[q]], 2 * K, B));
     }
     const at::Tensor y = run(s, ins, counts);
     std::vector<int64_t> shape{2, K, B};

@@ -69,6 +69,8 @@ struct OpStep {
   std::vector<bool> wants;      // per input: it needs a target (not x, floating)
   std::vector<bool> folds;      // per input of a Probed op: its target is the op's VJP (an input
                                 // the op is affine in, the values of attention); Affine: all
+  std::vector<bool> shared;     // per input: a tensor the same for every sample (a causal mask
+                                // made from sizes), passed to every probe as it is
   int64_t output = 0;           // its value slot
   Node node;                    // one input: the lowered op (native or a Callback node)
   Arith arith = Arith::None;    // two inputs: inputs[0] + - * inputs[1]
