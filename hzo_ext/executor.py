@@ -608,7 +608,8 @@ class CppOps:
             if n in fixed or n in tuples:
                 continue
             if not isinstance(out, torch.Tensor):
-                return None, f"op {s.index} ({s.label}) gives a {type(out).__name__}, not a tensor"
+                what = type(out).__name__ if type(out) in (tuple, list) else f"{type(out).__module__}.{type(out).__name__}"
+                return None, f"op {s.index} ({s.label}) gives a {what}, not one tensor"
             inputs = [a for a in s.inputs if a not in fixed]
             item = None
             if len(inputs) == 1 and inputs[0] in tuples:
