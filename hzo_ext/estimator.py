@@ -780,17 +780,16 @@ class HZO(StageEstimator):
         # after s reads (a skip connection's target waits for the block's input).
         shared = prog.traced.shared  # the same for every sample (a causal mask): no target
         steps = [s for s in prog.steps if shapes[s.index] is not None and s.node not in shared]
-        targeted = lambda a: a is not prog.traced.x and a not in shared and shapes[pos[a]] is not None  # noqa: E731
         last_read = {}
         for s in steps:
             for a in s.inputs:
-                if targeted(a):
+                if prog.wants_target(a, env[a]):
                     last_read[a] = max(last_read.get(a, 0), s.index)
         budget = self.memory_budget or opengine.default_memory_budget(x.device)
         splits, names, chunk_of = [], [], {}
         for k, s in enumerate(reversed(steps)):
             n_out = size(s.node)
-            ins = [a for a in s.inputs if targeted(a)]
+            ins = [a for a in s.inputs if prog.wants_target(a, env[a])]
             n_in = sum(size(a) for a in ins)
             pending = n_out + sum(size(a) for a, r in last_read.items() if pos[a] < s.index <= r)
             targets = B * item * pending

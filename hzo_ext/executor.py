@@ -618,7 +618,7 @@ class CppOps:
             ins = [env[a] for a in inputs]
             if not all(isinstance(v, torch.Tensor) for v in ins):
                 return None, f"op {s.index} ({s.label}) takes a tuple of tensors"
-            wants = [a is not t.x and a not in t.shared and opengine.has_target(v) for a, v in zip(inputs, ins)]
+            wants = [program.wants_target(a, v) for a, v in zip(inputs, ins)]
             mode, act, alpha, beta = "probed", 0, 0.0, 0.0
             if s.entry.kind == "affine":
                 mode = "affine"

@@ -62,21 +62,17 @@ class OpStep:
     label: str
     inplace: bool
     folds: tuple = ()  # inputs whose targets are the op's VJP: all of an affine op's; of a probed
-                       # op, those found only at its entry's affine_args
+                       # op, those passed only at its entry's affine_args (``_only_at``)
 
 
-def _folded_inputs(n: fx.Node, entry: OpEntry, inputs: tuple) -> tuple:
-    """The inputs of n whose targets its VJP gives: all for an affine op; for a probed one,
-    those passed only as positional arguments its entry's ``affine_args`` names (a tensor also
-    passed elsewhere, or in a list or keyword, is probed)."""
-    if entry.kind == "affine":
-        return inputs
-    if entry.affine_args is None:
-        return ()
+def _only_at(n: fx.Node, positions: tuple, inputs: tuple) -> tuple:
+    """The inputs passed to n only as positional arguments at ``positions`` (not also elsewhere,
+    in a list or as a keyword): those the op is affine in when its entry's affine_args are
+    ``positions``."""
     seen = []  # every node argument, nested ones and kwargs too
     fx.node.map_arg((n.args, n.kwargs), seen.append)
     top = [k for k, v in enumerate(n.args) if isinstance(v, fx.Node)]
-    return tuple(a for a in inputs if all(k in entry.affine_args for k in top if n.args[k] is a)
+    return tuple(a for a in inputs if all(k in positions for k in top if n.args[k] is a)
                  and 0 < sum(v is a for v in seen) == sum(n.args[k] is a for k in top))
 
 
@@ -114,19 +110,19 @@ class OpProgram:
         for n in t.order[1:]:  # sizes and bools too: they get no target (decided by their values)
             module = self.model.get_submodule(n.target) if n.op == "call_module" else None
             entry = entry_for(n.op, n.target, module)
-            if entry.kind == "affine" and entry.affine_args is not None and \
-                    set(_folded_inputs(n, OpEntry("probed", affine_args=entry.affine_args), self._state_of(n))) != \
-                    set(self._state_of(n)):  # a / b (or div(a, other=b)) with b depending on x: a folds
+            inputs = tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state))
+            affine_in = inputs if entry.affine_args is None else _only_at(n, entry.affine_args, inputs)
+            if entry.kind == "affine" and len(affine_in) < len(inputs):  # a / b, b depending on x: a folds
                 entry = OpEntry("probed", affine_args=entry.affine_args)
-            inputs = self._state_of(n)
             own = list(module.parameters()) if module is not None else []
             own += [params[c.target] for c in self._constants_of(n) if c.target in params]
             own = tuple(p for p in dict.fromkeys(own) if p.requires_grad)
             if entry.kind == "elementwise" and own:
                 entry = OpEntry("probed")  # e.g. clamp(h, min=parameter): the parameter needs its leaf
+            folds = affine_in if entry.kind == "affine" or entry.affine_args is not None else ()
             self.steps.append(OpStep(n, len(self.steps) + 1, entry, module, inputs, own,
                                      f"{n.target}: {type(module).__name__}" if module is not None else n.name,
-                                     _is_inplace(n, module), _folded_inputs(n, entry, inputs)))
+                                     _is_inplace(n, module), folds))
         if not self.steps:
             raise Unsupported("the model returns its input unchanged")
         self._step_of = {s.node: s for s in self.steps}
@@ -144,9 +140,6 @@ class OpProgram:
                 if later:
                     raise Unsupported(f"{s.label} writes {first.name} in place and {later[0].name} reads it after")
 
-    def _state_of(self, n: fx.Node) -> tuple:
-        return tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state))
-
     def _constants_of(self, n: fx.Node):
         """get_attr nodes among n's constant (x-independent) ancestors."""
         seen, todo = set(), [a for a in n.all_input_nodes if a not in self.state]
@@ -158,6 +151,11 @@ class OpProgram:
             if c.op == "get_attr":
                 yield c
             todo += [a for a in c.all_input_nodes if a not in self.state]
+
+    def wants_target(self, a: fx.Node, v) -> bool:
+        """An op's input a (value v) gets a target: not x, not shared by the samples (a mask made
+        from sizes), floating."""
+        return a is not self.traced.x and a not in self.traced.shared and has_target(v)
 
     # ---- running ops
 
@@ -348,7 +346,7 @@ class OpRun:
                 read = [i for i, ti in enumerate(t) if ti is not None]
                 t = [torch.zeros_like(o) if ti is None and isinstance(o, torch.Tensor) else ti
                      for o, ti in zip(env[s.node], t)]
-            wanted = [a for a in s.inputs if a is not p.traced.x and a not in p.traced.shared and has_target(env[a])]
+            wanted = [a for a in s.inputs if p.wants_target(a, env[a])]
             if s.entry.kind == "affine":
                 got = self._fold(s, local.pop(s.node), t, wanted)
             elif fused_elementwise(s, est.spp) and wanted:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "BINARY", "ACT_CODES", "entry_for", "is_view",
-           "register_elementwise", "module_for_call", "lowering", "is_stock", "binary_kind"]
+           "register_elementwise", "module_for_call", "lowering", "is_stock", "binary_kind", "lookup"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6,
@@ -85,12 +85,18 @@ BINARY = {**dict.fromkeys(SUMS, "add"), **dict.fromkeys((operator.sub, operator.
           **dict.fromkeys((operator.mul, operator.imul, torch.mul, "mul", "mul_"), "mul")}
 
 
+def lookup(table, target, default=None):
+    """``table[target]`` (a dict) or ``target in table`` (a set), ``default`` for an unhashable
+    target (a callable object used as an fx target)."""
+    try:
+        return table.get(target, default) if isinstance(table, dict) else target in table
+    except TypeError:
+        return default
+
+
 def binary_kind(target) -> str:
     """"add", "sub" or "mul" for arithmetic between two values the C++ engine runs natively, else ""."""
-    try:
-        return BINARY.get(target, "")
-    except TypeError:  # unhashable target
-        return ""
+    return lookup(BINARY, target, "")
 
 
 @dataclass(frozen=True)
@@ -167,10 +173,7 @@ def is_view(op: str, target, module: nn.Module | None) -> bool:
     """The op returns a view of its input (for memory predictions)."""
     if op == "call_module":
         return isinstance(module, _VIEW_MODULES)
-    try:
-        return target in _VIEW_CALLS
-    except TypeError:  # unhashable target
-        return False
+    return lookup(_VIEW_CALLS, target, False)
 
 
 def register_elementwise(op, code: int | str | None = None) -> None:
@@ -208,10 +211,7 @@ def entry_for(op: str, target, module: nn.Module | None, inplace_kw: bool = Fals
                 return _MODULES[cls]
         return _PROBED
     if op in ("call_function", "call_method"):
-        try:
-            return _CALLS.get(target, _PROBED)
-        except TypeError:  # unhashable target
-            return _PROBED
+        return lookup(_CALLS, target, _PROBED)
     return _PROBED
 
 

@@ -176,15 +176,17 @@ def _overridden_methods(mod: nn.Module) -> list[str]:
                    if callable(v) and hasattr(base, name) and name not in _HARMLESS_OVERRIDES})
 
 
+def _mixing(in_sizes: tuple[int, ...], out_sizes: tuple[int, ...], axes) -> Footprint:
+    """An op that mixes the spatial ``axes`` of each channel, every position there changing every
+    output position of the axis, and keeps the other axes (same sizes) and the channels apart:
+    LayerNorm over a token's features, softmax over the last axis, attention (per head)."""
+    return Footprint(tuple(tuple((0, m - 1) if a in axes else (p, p) for p in range(n))
+                           for a, (n, m) in enumerate(zip(in_sizes, out_sizes))), tuple(out_sizes), channelwise=True)
+
+
 def _within_last_axes(in_sizes: tuple[int, ...], k: int) -> Footprint:
-    """An op mixing the last k spatial axes of each channel (LayerNorm over a token's features,
-    softmax over the last axis): every position there reads all of them, the other axes and
-    the channels (tokens of a transformer) stay apart, so one probe per position of the last k
-    axes serves every channel."""
-    r = len(in_sizes)
-    mixed = in_sizes[r - k:]
-    return Footprint.window(in_sizes, (1,) * (r - k) + tuple(2 * n - 1 for n in mixed), 1,
-                            (0,) * (r - k) + tuple(n - 1 for n in mixed), out_sizes=in_sizes, channelwise=True)
+    """``_mixing`` of the last k axes, one probe per position there serving every channel."""
+    return _mixing(in_sizes, in_sizes, range(len(in_sizes) - k, len(in_sizes)))
 
 
 def _footprint(mod: nn.Module, in_sizes: tuple[int, ...], where: str) -> Footprint:
@@ -313,21 +315,12 @@ def graph_footprint(gm: fx.GraphModule, in_shape: Sequence[int], where: str = "p
 
 
 _SOFTMAX_CALLS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax", "log_softmax"}
+_KNOWN_CALLS = _SOFTMAX_CALLS | {F.layer_norm, F.scaled_dot_product_attention}
 
 
 def is_known_call(n: fx.Node) -> bool:
     """A call ``call_footprint`` may know: layer_norm, softmax, scaled_dot_product_attention."""
-    try:
-        return n.op in ("call_function", "call_method") and (
-            n.target in (F.layer_norm, F.scaled_dot_product_attention) or n.target in _SOFTMAX_CALLS)
-    except TypeError:  # an unhashable target
-        return False
-
-
-def _reads_all(in_sizes, out_sizes) -> Footprint:
-    """Every input position of a channel changes every output position of that channel."""
-    return Footprint(tuple(tuple((0, m - 1) for _ in range(n)) for n, m in zip(in_sizes, out_sizes)),
-                     tuple(out_sizes), channelwise=True)
+    return n.op in ("call_function", "call_method") and registry.lookup(_KNOWN_CALLS, n.target, False)
 
 
 def call_footprint(n: fx.Node, arg: fx.Node, in_sizes: tuple[int, ...], out_sizes: tuple[int, ...],
@@ -348,11 +341,9 @@ def call_footprint(n: fx.Node, arg: fx.Node, in_sizes: tuple[int, ...], out_size
                          n.args), **n.kwargs)
         plain = bound.get("attn_mask") is None and bound.get("dropout_p", 0.0) == 0 and not bound.get("enable_gqa")
         roles = [k for k in ("query", "key", "value") if bound.get(k) is arg]
-        if plain and roles:
-            if roles == ["query"] and out_sizes[0] == in_sizes[0]:
-                return Footprint(((tuple((p, p) for p in range(in_sizes[0]))),
-                                  tuple((0, out_sizes[1] - 1) for _ in range(in_sizes[1]))), tuple(out_sizes), True)
-            return _reads_all(in_sizes, out_sizes)
+        if plain and roles:  # a query row: its own output row (axis 0 kept when L matches)
+            keeps_rows = roles == ["query"] and out_sizes[0] == in_sizes[0]
+            return _mixing(in_sizes, out_sizes, (1,) if keeps_rows else (0, 1))
     elif n.target in _SOFTMAX_CALLS and n.args and n.args[0] is arg:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         if dim in (-1, r + 1):  # the last axis of [B, C, *S]
