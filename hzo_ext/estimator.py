@@ -746,13 +746,13 @@ class HZO(StageEstimator):
             chosen = dense
             if self.spp is True or (self.spp == "auto" and len(in_shape) >= 2):
                 try:
-                    if step.module is not None and len(step.inputs) == 1:
+                    if step.module is None:
+                        colored = spp_geometry.coloring_for_call(step.node, a, in_shape, out_shape)
+                    elif len(step.inputs) == 1:
                         colored = spp_geometry.coloring_for([step.module], in_shape, out_shape, [step.label],
                                                             [in_shape])
-                    elif spp_geometry.is_known_call(step.node):
-                        colored = spp_geometry.coloring_for_call(step.node, a, in_shape, out_shape)
                     else:
-                        raise spp_geometry.NoFootprint(step.label, "no known footprint for this op")
+                        raise spp_geometry.NoFootprint(step.label, "a module called on several state tensors")
                     chosen = colored if self.spp is True or colored.num_colors < dense.num_colors else dense
                 except spp_geometry.NoFootprint as why:
                     if self.spp is True:

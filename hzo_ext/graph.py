@@ -25,6 +25,8 @@ import warnings
 import torch
 from torch import fx, nn
 
+from . import registry
+
 __all__ = ["Stages", "GraphStage", "opaque", "is_opaque", "trace", "Traced", "stages_of", "ModelWatch"]
 
 _OPAQUE_ATTR = "_hzo_opaque"
@@ -35,7 +37,7 @@ _META_FUNCTIONS = {getattr, len, operator.getitem, torch.numel}
 # (timm's ``_assert(H == self.img_size[0], ...)``).
 _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                     operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-                    operator.not_, operator.and_, operator.or_, torch._assert}
+                    operator.not_, operator.and_, operator.or_, operator.pow, torch._assert}
 # Attributes that are sizes or settings of a tensor (x.mT, x.T, x.real are tensors: not meta).
 _META_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
 
@@ -241,6 +243,7 @@ def trace(model: nn.Module) -> Traced:
     for n in reversed(nodes):
         if n in extra:
             graph.erase_node(n)
+    registry.decompose(graph)
     nodes = list(graph.nodes)
     out = next(n for n in nodes if n.op == "output").args[0]
     if not isinstance(out, fx.Node):

@@ -17,27 +17,35 @@ made of it is probed:
   fold. Opaque nodes (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always
   probed.
 
+An entry also holds the op's SPP footprint (``footprint``: the output positions each input
+position can change, ``hzo_ext.footprint``; ``hzo_ext.spp`` composes them over sub-networks)
+and, for module types, why it breaks per-sample finite differences as it is set now
+(``couples``: BatchNorm or Dropout in training mode, ``batch_first=False``; ``coupling`` is
+what ``stages.check_stages_static`` asks). ``DECOMPOSITIONS`` are calls the traced graph holds
+as the ops they compute (attention without mask: its products fold, its softmax is probed).
+
 How the C++ executors run an op natively: ``lowering(module)`` gives the description of an
 ``_C.ExecNode`` (csrc/executor/stages.cpp) for the module types they run as ATen calls, and
 ``module_for_call`` the module equivalent to a call (``F.relu(x)``, ``torch.flatten(x, 1)``).
 
 ``register_elementwise(op, code=None)`` adds an elementwise op: the engine then probes it
-with one colored probe and the SPP footprints treat it as elementwise.
-The stage-wise engines read the same knowledge: SPP footprints (``hzo_ext.spp``) treat the
-elementwise modules and calls here as elementwise, and the C++ lowering (``hzo_ext.executor``)
-reads the tables of calls (``ELEMENTWISE_CALLS``, ``SUMS``, ``ARITHMETIC``).
+with one colored probe, its footprint is the identity, and every engine reads it from here.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
+
+from .footprint import Footprint, NoFootprint, mixing, within_last_axes
 
 __all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "BINARY", "ACT_CODES", "entry_for", "is_view",
-           "register_elementwise", "module_for_call", "lowering", "is_stock", "binary_kind", "lookup"]
+           "register_elementwise", "module_for_call", "lowering", "is_stock", "binary_kind", "lookup",
+           "DECOMPOSITIONS", "decompose",
+           "module_entry", "coupling", "registered"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "tanh": 5, "sigmoid": 6,
@@ -102,19 +110,30 @@ def binary_kind(target) -> str:
 @dataclass(frozen=True)
 class OpEntry:
     """How a piece made of one op is probed (see the module docstring). ``kernel(module)`` gives
-    (code, alpha, beta) for ``ops.probe_elementwise`` from a module's settings, or None."""
+    (code, alpha, beta) for ``ops.probe_elementwise`` from a module's settings, or None.
+    ``footprint(site, arg, in_sizes, out_shape)``: the op's SPP footprint (``hzo_ext.footprint``)
+    on spatial input sizes ``in_sizes``, ``site`` the module (arg, out_shape None) or the fx
+    node (arg: the input probed, out_shape: the per-sample output shape); raises NoFootprint
+    saying why when it has none there. ``couples(module)``: why the module, as it is set now,
+    breaks per-sample finite differences (mixes samples, or draws randomness per call), or None."""
     kind: str  # "elementwise", "affine" or "probed"
     kernel: object = None
     affine_args: tuple | None = None  # affine only in these positional args (None: in all); a probed
                                       # op folds the inputs found only there
+    footprint: object = None
+    couples: object = None
 
 
 def _fixed(name):
     return lambda m=None: (ACT_CODES[name], 0.0, 0.0)
 
 
+def _identity(site, arg, in_sizes, out_shape) -> Footprint:
+    return Footprint.identity(in_sizes)
+
+
 def _elementwise(kernel=None):
-    return OpEntry("elementwise", kernel)
+    return OpEntry("elementwise", kernel, footprint=_identity)
 
 
 _AFFINE = OpEntry("affine")
@@ -162,6 +181,233 @@ _PROBED = OpEntry("probed")
 # Probed ops affine in some inputs: those fold (the VJP), the others are probed.
 _CALLS[F.scaled_dot_product_attention] = OpEntry("probed", affine_args=(2,))  # a weighted sum of the values
 
+
+def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
+    """``scaled_dot_product_attention(q, k, v)`` without mask, causality, dropout or GQA as the
+    ops it computes, ``softmax(q @ k^T * scale) @ v``: the products fold, and only the softmax
+    is probed, one probe per key position (its footprint is its row). Probed whole, a key
+    moves every output row of its head: L*E probes, each running the whole attention."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, n.args), **n.kwargs)
+    if set(bound) - set(names) or bound.get("attn_mask") is not None or bound.get("dropout_p", 0.0) != 0 \
+            or bound.get("is_causal", False) is not False or bound.get("enable_gqa", False) is not False:
+        return None
+    q, k, v, scale = bound["query"], bound["key"], bound["value"], bound.get("scale")
+    with graph.inserting_before(n):
+        if scale is None:  # torch's default 1 / sqrt(E), E the queries' last size
+            scale = graph.call_function(operator.pow, (graph.call_method("size", (q, -1)), -0.5))
+        scores = graph.call_function(torch.matmul, (q, graph.call_method("transpose", (k, -2, -1))))
+        weights = graph.call_function(torch.softmax, (graph.call_function(operator.mul, (scores, scale)), -1))
+        return graph.call_function(torch.matmul, (weights, v))
+
+
+# Calls the traced graph holds as the ops they compute (graph.trace): fn(graph, node) -> the
+# node computing the same value, inserted before it, or None to keep the call.
+DECOMPOSITIONS = {F.scaled_dot_product_attention: _attention_steps}
+
+
+def decompose(graph: fx.Graph) -> None:
+    """Replace the calls of ``DECOMPOSITIONS`` in ``graph`` by the ops they compute."""
+    for n in list(graph.nodes):
+        fn = lookup(DECOMPOSITIONS, n.target) if n.op == "call_function" else None
+        new = fn(graph, n) if fn is not None else None
+        if new is not None:
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+
+# ---- footprints (SPP) and sample coupling of the ops above --------------------------------------
+
+def _conv(mod, arg, in_sizes, out_shape) -> Footprint:
+    if mod.padding_mode != "zeros":
+        raise NoFootprint("", f"padding_mode={mod.padding_mode!r} (only 'zeros' is supported)")
+    depthwise = mod.groups == mod.in_channels == mod.out_channels
+    if mod.padding == "same":  # stride 1; torch puts the odd extra padding element on the right
+        left = [d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation)]
+        return Footprint.window(in_sizes, mod.kernel_size, 1, left, mod.dilation, out_sizes=in_sizes,
+                                 channelwise=depthwise)
+    pad = 0 if mod.padding == "valid" else mod.padding
+    return Footprint.window(in_sizes, mod.kernel_size, mod.stride, pad, mod.dilation, channelwise=depthwise)
+
+
+def _pool(mod, arg, in_sizes, out_shape) -> Footprint:
+    return Footprint.window(in_sizes, mod.kernel_size, mod.stride or mod.kernel_size, mod.padding,
+                             getattr(mod, "dilation", 1), mod.ceil_mode, channelwise=True)
+
+
+def _adaptive_pool(mod, arg, in_sizes, out_shape) -> Footprint:
+    r = len(in_sizes)
+    sizes = mod.output_size if isinstance(mod.output_size, (tuple, list)) else (mod.output_size,) * r
+    if len(sizes) != r:
+        raise NoFootprint("", f"output size {mod.output_size} on {r} spatial axes")
+    return Footprint.adaptive(in_sizes, [n if o is None else int(o) for n, o in zip(in_sizes, sizes)])  # None: kept
+
+
+def _batch_norm(mod, arg, in_sizes, out_shape) -> Footprint:
+    if mod.training or mod.running_mean is None:
+        raise NoFootprint("", "batch statistics (training mode)")
+    return Footprint.identity(in_sizes)  # eval mode with running statistics: per-channel affine
+
+
+def _dropout(mod, arg, in_sizes, out_shape) -> Footprint:
+    if mod.training and mod.p != 0:
+        raise NoFootprint("", "dropout in training mode")
+    return Footprint.identity(in_sizes)
+
+
+def _last_axes(in_sizes, shape) -> Footprint:
+    """layer norm over ``shape``: within each channel when it is the last axes of the input."""
+    r = len(in_sizes)
+    if not (all(type(v) is int for v in shape) and 0 < len(shape) <= r and tuple(shape) == in_sizes[r - len(shape):]):
+        raise NoFootprint("", f"normalized over {tuple(shape)}, not the last axes of {tuple(in_sizes)}")
+    return within_last_axes(in_sizes, len(shape))
+
+
+def _last_axis(in_sizes, dim) -> Footprint:
+    """softmax over ``dim``: within each channel when it is the last axis of [B, C, *S] (r + 1)."""
+    if dim not in (-1, len(in_sizes) + 1):
+        raise NoFootprint("", f"softmax over dim {dim}, not the last axis")
+    return within_last_axes(in_sizes, 1)
+
+
+def _flatten_ones(site, arg, in_sizes, out_shape) -> Footprint:
+    """Flattening [C, 1, .., 1] to [C]: the same elements (the footprint keeps the sizes as 1s)."""
+    to_c = out_shape is None and site.start_dim == 1 and site.end_dim == -1 if isinstance(site, nn.Module) \
+        else out_shape is not None and len(out_shape) == 1
+    if not (to_c and all(n == 1 for n in in_sizes)):
+        raise NoFootprint("", "it reshapes spatial axes")
+    return Footprint.identity(in_sizes)
+
+
+def _call_args(n: fx.Node, names: tuple, arg: fx.Node | None = None) -> dict:
+    """The call's arguments by name; with ``arg``, NoFootprint unless arg is the first."""
+    bound = dict(zip(names, n.args), **n.kwargs)
+    if arg is not None and bound.get(names[0]) is not arg:
+        raise NoFootprint("", f"probed in its argument {arg.name}, not in {names[0]}")
+    return bound
+
+
+def _layer_norm_call(n, arg, in_sizes, out_shape) -> Footprint:
+    shape = _call_args(n, ("input", "normalized_shape"), arg).get("normalized_shape")
+    return _last_axes(in_sizes, tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
+
+
+def _softmax_call(n, arg, in_sizes, out_shape) -> Footprint:
+    return _last_axis(in_sizes, _call_args(n, ("input", "dim"), arg).get("dim"))
+
+
+def _slicing(n, arg, in_sizes, out_shape) -> Footprint:
+    """``x[:, c, s_1, .., s_r]`` with basic slices: a stride-s window of size 1 per axis."""
+    index = _call_args(n, ("input", "index"), arg)["index"]
+    index = index if isinstance(index, tuple) else (index,)
+    r = len(in_sizes)
+    if not all(isinstance(i, slice) for i in index) or len(index) > r + 2 or index[0] != slice(None):
+        raise NoFootprint("", f"indexing {index!r} (only basic slices of [B, C, *spatial])")
+    starts, steps = [], []
+    for sl, size in zip(list(index[2:]) + [slice(None)] * (r - len(index[2:])), in_sizes):
+        start, _, step = sl.indices(size)
+        if step < 1:
+            raise NoFootprint("", f"slice {sl} with a negative step")
+        starts.append(start)
+        steps.append(step)
+    channels_kept = len(index) < 2 or index[1] == slice(None)
+    return Footprint.window(in_sizes, 1, steps, [-p for p in starts], out_sizes=out_shape[1:],
+                            channelwise=channels_kept)
+
+
+def _pad(n, arg, in_sizes, out_shape) -> Footprint:
+    """Constant ``F.pad``: each spatial axis shifts by its left padding; padded channels make the
+    footprint non-channelwise (output channel c reads another input channel)."""
+    bound = _call_args(n, ("input", "pad", "mode", "value"), arg)
+    pad, mode = list(bound["pad"]), bound.get("mode", "constant")
+    if mode != "constant" or any(not isinstance(p, int) or p < 0 for p in pad):
+        raise NoFootprint("", f"F.pad mode={mode!r} pad={pad} (only constant, non-negative)")
+    r = len(in_sizes)
+    lefts = [0] * (r + 1)  # channel axis, then spatial axes
+    for k in range(len(pad) // 2):
+        lefts[r - k] = pad[2 * k]
+    pads_channels = len(pad) > 2 * r and (pad[2 * r] or pad[2 * r + 1])
+    return Footprint.window(in_sizes, 1, 1, lefts[1:], out_sizes=out_shape[1:], channelwise=not pads_channels)
+
+
+def _pool_call(nd: int, adaptive: bool):
+    def footprint(n, arg, in_sizes, out_shape) -> Footprint:
+        if len(in_sizes) != nd:
+            raise NoFootprint("", f"{nd}-d pooling on {len(in_sizes)} spatial axes")
+        if not (adaptive or all(k == 1 for k in out_shape[1:])):  # global pooling, whatever the kernel
+            raise NoFootprint("", "a non-global functional pooling (use the nn module)")
+        return Footprint.adaptive(in_sizes, out_shape[1:])
+    return footprint
+
+
+def _attention(n, arg, in_sizes, out_shape) -> Footprint:
+    """On [heads, L, E] without mask, dropout or GQA: a query row changes its own output row
+    only, a key or value every row of its head."""
+    bound = _call_args(n, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
+    plain = bound.get("attn_mask") is None and bound.get("dropout_p", 0.0) == 0 and not bound.get("enable_gqa")
+    roles = [k for k in ("query", "key", "value") if bound.get(k) is arg]
+    if len(in_sizes) != 2 or not plain or not roles:
+        raise NoFootprint("", "attention with a mask, dropout or GQA, or not on [heads, L, E]")
+    keeps_rows = roles == ["query"] and out_shape[1] == in_sizes[0]  # axis 0 kept when L matches
+    return mixing(in_sizes, tuple(out_shape[1:]), (1,) if keeps_rows else (0, 1))
+
+
+_SAMPLE_MIXING = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+                  nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase)
+
+
+def _batch_statistics(mod) -> str | None:
+    return None if not mod.training else (
+        f"{type(mod).__name__} in training mode mixes the samples of a batch; call .eval() on it (running "
+        f"statistics) or use a per-sample norm (LayerNorm, GroupNorm)")
+
+
+def _random_mask(mod) -> str | None:
+    return None if not (mod.training and mod.p > 0) else (
+        f"{type(mod).__name__} in training mode draws a new mask per query, so the +eps and -eps copies "
+        f"see different networks; call .eval() on it or remove it")
+
+
+def _sequence_first(mod) -> str | None:
+    return None if getattr(mod, "batch_first", True) is True else (
+        f"{type(mod).__name__} with batch_first=False mixes the samples of a batch (the perturbed copies "
+        f"are stacked along dim 0); build it with batch_first=True")
+
+
+def _know(table: dict, keys, **facts) -> None:
+    """Add ``facts`` (footprint, couples) to the entries of ``keys`` (probed when unregistered)."""
+    for key in keys:
+        table[key] = replace(table.get(key, _PROBED), **facts)
+
+
+_know(_MODULES, (nn.Identity,), footprint=_identity)
+_know(_MODULES, (nn.Conv1d, nn.Conv2d, nn.Conv3d), footprint=_conv)
+_know(_MODULES, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
+      footprint=_pool)
+_know(_MODULES, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), footprint=_adaptive_pool)
+_know(_MODULES, (nn.modules.batchnorm._BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+      footprint=_batch_norm, couples=_batch_statistics)
+_know(_MODULES, (nn.modules.dropout._DropoutNd, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d),
+      footprint=_dropout, couples=_random_mask)
+_know(_MODULES, (nn.LayerNorm,), footprint=lambda m, a, s, o: _last_axes(s, tuple(m.normalized_shape)))
+_know(_MODULES, (nn.Softmax, nn.LogSoftmax), footprint=lambda m, a, s, o: _last_axis(s, m.dim))
+_know(_MODULES, (nn.Flatten,), footprint=_flatten_ones)
+_know(_MODULES, _SAMPLE_MIXING, couples=_sequence_first)
+
+_know(_CALLS, (operator.getitem,), footprint=_slicing)
+_know(_CALLS, (F.pad,), footprint=_pad)
+_know(_CALLS, (torch.flatten, "flatten", "view", "reshape"), footprint=_flatten_ones)
+for _nd in (1, 2, 3):
+    _know(_CALLS, (getattr(F, f"avg_pool{_nd}d"), getattr(F, f"max_pool{_nd}d")), footprint=_pool_call(_nd, False))
+    _know(_CALLS, (getattr(F, f"adaptive_avg_pool{_nd}d"), getattr(F, f"adaptive_max_pool{_nd}d")),
+          footprint=_pool_call(_nd, True))
+_know(_CALLS, (F.layer_norm,), footprint=_layer_norm_call)
+_know(_CALLS, (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax", "log_softmax"),
+      footprint=_softmax_call)
+_know(_CALLS, (F.scaled_dot_product_attention,), footprint=_attention)
+_know(_CALLS, [c for c in ELEMENTWISE_CALLS if _CALLS[c].footprint is None], footprint=_identity)  # neg, clone
+
+
 # Ops whose output shares its input's storage (no memory of their own in the plan's prediction).
 _VIEW_CALLS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "expand_as",
                operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
@@ -191,6 +437,28 @@ def register_elementwise(op, code: int | str | None = None) -> None:
         ELEMENTWISE_CALLS.setdefault(op, None)
 
 
+def _registered_class(module: nn.Module) -> type | None:
+    return next((cls for cls in type(module).__mro__ if cls in _MODULES), None)
+
+
+def registered(cls: type) -> bool:
+    """``cls`` itself (not only a parent class) has an entry."""
+    return cls in _MODULES
+
+
+def module_entry(module: nn.Module) -> OpEntry:
+    """The entry of ``module``'s nearest registered class, whatever its forward (the footprint
+    and coupling knowledge; ``entry_for`` says how the module is probed)."""
+    cls = _registered_class(module)
+    return _PROBED if cls is None else _MODULES[cls]
+
+
+def coupling(module: nn.Module) -> str | None:
+    """Why ``module`` as it is set now breaks per-sample finite differences, or None."""
+    couples = module_entry(module).couples
+    return couples(module) if couples is not None else None
+
+
 def entry_for(op: str, target, module: nn.Module | None, inplace_kw: bool = False) -> OpEntry:
     """The entry of an fx node (op, target), ``module`` the called submodule for call_module.
     Opaque modules and modules that override their class's forward are probed. A module whose
@@ -198,17 +466,14 @@ def entry_for(op: str, target, module: nn.Module | None, inplace_kw: bool = Fals
     forward (a subclass with its own forward is probed)."""
     from .graph import is_opaque  # graph imports this module
     if op == "call_module":
-        if module is None or is_opaque(module):
+        cls = None if module is None or is_opaque(module) else _registered_class(module)
+        if cls is None or type(module).forward is not cls.forward or "forward" in module.__dict__ \
+                or getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None):
             return _PROBED
-        for cls in type(module).__mro__:
-            if cls in _MODULES:
-                if type(module).forward is not cls.forward or "forward" in module.__dict__ \
-                        or getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None):
-                    return _PROBED
-                if isinstance(module, nn.modules.conv._ConvNd) and \
-                        type(module)._conv_forward is not getattr(cls, "_conv_forward", None):
-                    return _PROBED
-                return _MODULES[cls]
+        if isinstance(module, nn.modules.conv._ConvNd) and \
+                type(module)._conv_forward is not getattr(cls, "_conv_forward", None):
+            return _PROBED
+        return _MODULES[cls]
         return _PROBED
     if op in ("call_function", "call_method"):
         return lookup(_CALLS, target, _PROBED)

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .registry import coupling
+
 __all__ = ["ResidualBlock", "BlackBox", "as_stages", "stage_name", "check_stages_static",
            "check_stages_dynamic", "run_stage", "LossHead", "check_eps"]
 
@@ -86,31 +88,13 @@ def stage_name(stages: Sequence[nn.Module], l: int) -> str:
     return f"stage {l} ({where}{type(stages[l - 1]).__name__})"
 
 
-# Module types that mix the samples of a batch (or draw fresh randomness per call) in
-# training mode; either breaks per-sample finite differences.
-_BATCH_MIXING = (nn.modules.batchnorm._BatchNorm,)
-_STOCHASTIC = (nn.modules.dropout._DropoutNd,)
-_SEQUENCE_MIXING = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
-                    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase)
-
-
 def check_stages_static(stages: Sequence[nn.Module]) -> None:
-    """Refuse module types known to break the method, naming stage and submodule."""
+    """Refuse modules set to break the method (``registry.coupling``), naming stage and submodule."""
     for l, stage in enumerate(stages, start=1):
         for name, mod in stage.named_modules():
-            where = f"{stage_name(stages, l)}{', submodule ' + repr(name) if name else ''}"
-            if isinstance(mod, _BATCH_MIXING) and mod.training:
-                raise ValueError(
-                    f"{where}: {type(mod).__name__} in training mode mixes the samples of a batch; "
-                    f"call .eval() on it (running statistics) or use a per-sample norm (LayerNorm, GroupNorm)")
-            if isinstance(mod, _STOCHASTIC) and mod.training and mod.p > 0:
-                raise ValueError(
-                    f"{where}: {type(mod).__name__} in training mode draws a new mask per query, so the "
-                    f"+eps and -eps copies see different networks; call .eval() on it or remove it")
-            if isinstance(mod, _SEQUENCE_MIXING) and getattr(mod, "batch_first", True) is not True:
-                raise ValueError(
-                    f"{where}: {type(mod).__name__} with batch_first=False mixes the samples of a batch "
-                    f"(the perturbed copies are stacked along dim 0); build it with batch_first=True")
+            why = coupling(mod)
+            if why is not None:
+                raise ValueError(f"{stage_name(stages, l)}{', submodule ' + repr(name) if name else ''}: {why}")
 
 
 def run_stage(stages: Sequence[nn.Module], l: int, a: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
