@@ -406,12 +406,22 @@ class OpRun:
             delta = ops.probe_elementwise(a_q, t_q, eps, code, alpha, beta)
         else:  # no kernel: the op itself on the stacked +-eps copies
             z = torch.cat([a_q + eps, a_q - eps])
-            args, kwargs = self.p._args(s.node, env, {s.inputs[0]: z})
+            args, kwargs = self._query_args(s, env, {s.inputs[0]: z})
             y = self.p._call(s.node, args, kwargs, self._qmodule(s))
             yp, ym = y.chunk(2)
             delta = t_q * (yp - ym) / (2 * eps)
         self._count(1, 2)
         return delta
+
+    def _query_args(self, s: OpStep, env, swap):
+        """The op's arguments for a query, its floating constants (a call's weight) in the probe
+        dtype as its module's copy has them (``_qmodule``)."""
+        args, kwargs = self.p._args(s.node, env, swap)
+        dtype = self.est._probe_dtype
+        if dtype is None:
+            return args, kwargs
+        cast = lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        return fx.node.map_aggregate(args, cast), fx.node.map_aggregate(kwargs, cast)
 
     def _qmodule(self, s: OpStep):
         """The op's module in the probe dtype (a float32 copy for low-precision models)."""
@@ -442,7 +452,7 @@ class OpRun:
                 v = env[b]
                 swap[b] = q(v).repeat(copies, *([1] * (v.dim() - 1))) if b not in self.p.traced.shared and \
                     isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == a.shape[0] else v
-            args, kwargs = self.p._args(s.node, env, swap)
+            args, kwargs = self._query_args(s, env, swap)
             y = self.p._call(s.node, args, kwargs, self._qmodule(s))
             self.stats.forward_calls += 1
             if isinstance(y, torch.Tensor):
@@ -471,7 +481,7 @@ class OpRun:
             for sign in (1, -1):
                 moved = a.clone()
                 moved.view(-1)[k] += sign * eps
-                args, kwargs = self.p._args(s.node, env, {a_node: moved})
+                args, kwargs = self._query_args(s, env, {a_node: moved})
                 ys.append(torch.cat([o.reshape(-1) for o in _tensors(self.p._call(s.node, args, kwargs,
                                                                                    self._qmodule(s)))]))
             g[k] = ((ys[0] - ys[1]) * flat_t).sum() / (2 * eps)

@@ -1,5 +1,6 @@
 """Models nobody here wrote, run unmodified (traced with torch.fx), and the model-semantics cases
 that used to give silently wrong gradients."""
+import copy
 import math
 import warnings
 
@@ -62,6 +63,26 @@ def test_timm_vision_transformer():
         img_size=16, patch_size=8, in_chans=3, num_classes=5, embed_dim=16, depth=2, num_heads=2).double().eval()
     x, y = _images(2, 3, 16)
     _check(model, x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_vision_transformer(dtype):
+    """A bfloat16/float16 ViT: the op engine's forward (attention traced as its ops) differs from
+    the model's by round-off of that dtype, not refused as a side effect; the probes run in
+    float32 copies, calls' weights (F.layer_norm's) cast too (a mixed-dtype error before).
+    Against float64 autograd of the same rounded weights and input."""
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, in_chans=3, num_classes=5, embed_dim=16, depth=2, num_heads=2).eval().to(dtype)
+    x, y = _images(2, 3, 16)
+    x = x.to(dtype)
+    ref = hzo_ext.reference_named_grads(copy.deepcopy(model).double(), nn.CrossEntropyLoss(), x.double(), y)
+    est = hzo_ext.HZO(model, nn.CrossEntropyLoss(), eps=1e-2)
+    est.backward(x, y)
+    assert est.engine == "ops"
+    if hzo_ext.has_extension():
+        assert "float32" in est.executor_reason
+    assert min(hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref).values()) >= 0.999
 
 
 class EncoderClassifier(nn.Module):
