@@ -243,7 +243,7 @@ def trace(model: nn.Module) -> Traced:
     for n in reversed(nodes):
         if n in extra:
             graph.erase_node(n)
-    registry.decompose(graph)
+    registry.decompose(graph, model)
     nodes = list(graph.nodes)
     out = next(n for n in nodes if n.op == "output").args[0]
     if not isinstance(out, fx.Node):

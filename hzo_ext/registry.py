@@ -172,7 +172,8 @@ for _c in (operator.add, operator.iadd, operator.sub, operator.isub, operator.ne
            F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout, F.pad,
            torch.unbind, torch.chunk, torch.split, "unbind", "chunk", "split",
            "add", "add_", "sub", "sub_", "mul", "mul_", "neg", "matmul", "flatten", "view", "reshape", "permute",
-           "transpose", "contiguous", "clone", "unsqueeze", "squeeze", "mean", "sum", "expand", "expand_as",
+           "transpose", "contiguous", "clone", "unsqueeze", "squeeze", "unflatten", torch.unflatten, "mean", "sum",
+           "expand", "expand_as",
            "float", "double", "half", "bfloat16", "to", "type_as"):  # casts: the VJP casts the target back
     _CALLS[_c] = _AFFINE
 for _c in (operator.truediv, operator.itruediv, torch.div, "div", "div_"):
@@ -201,19 +202,99 @@ def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
         return graph.call_function(torch.matmul, (weights, v))
 
 
-# Calls the traced graph holds as the ops they compute (graph.trace): fn(graph, node) -> the
-# node computing the same value, inserted before it, or None to keep the call.
-DECOMPOSITIONS = {F.scaled_dot_product_attention: _attention_steps}
+def _self_attention_ops(graph: fx.Graph, x: fx.Node, prefix: str, mha: nn.MultiheadAttention) -> fx.Node:
+    """``mha(x, x, x)[0]`` (batch first, packed projections, no mask) as ops: the projections
+    are linear ops on its parameters, the heads views, the attention the call decomposed below."""
+    qkv = graph.call_function(F.linear, (x, graph.get_attr(f"{prefix}.in_proj_weight"),
+                                         None if mha.in_proj_bias is None else graph.get_attr(f"{prefix}.in_proj_bias")))
+    chunks = graph.call_method("chunk", (qkv, 3, -1))
+    heads = [graph.call_method("transpose", (graph.call_method("unflatten", (
+        graph.call_function(operator.getitem, (chunks, i)), -1, (mha.num_heads, mha.head_dim))), 1, 2))
+        for i in range(3)]
+    out = graph.call_function(F.scaled_dot_product_attention, tuple(heads))
+    out = graph.call_method("flatten", (graph.call_method("transpose", (out, 1, 2)), -2))
+    return graph.call_function(F.linear, (out, graph.get_attr(f"{prefix}.out_proj.weight"),
+                                          None if mha.out_proj.bias is None else
+                                          graph.get_attr(f"{prefix}.out_proj.bias")))
 
 
-def decompose(graph: fx.Graph) -> None:
-    """Replace the calls of ``DECOMPOSITIONS`` in ``graph`` by the ops they compute."""
-    for n in list(graph.nodes):
-        fn = lookup(DECOMPOSITIONS, n.target) if n.op == "call_function" else None
-        new = fn(graph, n) if fn is not None else None
-        if new is not None:
-            n.replace_all_uses_with(new)
-            graph.erase_node(n)
+def _plain_self_attention(mha) -> bool:
+    return type(mha) is nn.MultiheadAttention and mha.batch_first and mha._qkv_same_embed_dim and \
+        mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn and not mha.training and \
+        type(mha.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) and \
+        not any(m._forward_hooks or m._forward_pre_hooks for m in mha.modules())
+
+
+def _encoder_layer_ops(graph: fx.Graph, x: fx.Node, prefix: str, layer) -> fx.Node | None:
+    """An eval ``nn.TransformerEncoderLayer`` without masks as the ops of its forward (post- or
+    pre-norm): its self-attention (``_self_attention_ops``), norms, linears and activation stay
+    modules or calls of the traced graph, so cuts fall between them."""
+    if type(layer) is not nn.TransformerEncoderLayer or layer.training or not _plain_self_attention(layer.self_attn) \
+            or any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+        return None
+
+    def module(name, v):
+        return graph.call_module(f"{prefix}.{name}", (v,))
+
+    def feed_forward(v):
+        act = layer.activation
+        h = module("linear1", v)
+        h = module("activation", h) if isinstance(act, nn.Module) else graph.call_function(act, (h,))
+        return module("linear2", h)
+
+    if layer.norm_first:
+        x = graph.call_function(operator.add, (x, _self_attention_ops(graph, module("norm1", x),
+                                                                        f"{prefix}.self_attn", layer.self_attn)))
+        return graph.call_function(operator.add, (x, feed_forward(module("norm2", x))))
+    x = module("norm1", graph.call_function(operator.add, (x, _self_attention_ops(graph, x, f"{prefix}.self_attn",
+                                                                                  layer.self_attn))))
+    return module("norm2", graph.call_function(operator.add, (x, feed_forward(x))))
+
+
+def _encoder_layer_steps(graph: fx.Graph, n: fx.Node, layer) -> fx.Node | None:
+    if len(n.args) != 1 or any(v not in (None, False) for v in n.kwargs.values()):
+        return None  # masks or causality: run whole
+    with graph.inserting_before(n):
+        return _encoder_layer_ops(graph, n.args[0], n.target, layer)
+
+
+def _encoder_steps(graph: fx.Graph, n: fx.Node, encoder) -> fx.Node | None:
+    """An eval ``nn.TransformerEncoder`` without masks: its layers (``_encoder_layer_ops``), then its norm."""
+    if len(n.args) != 1 or any(v not in (None, False) for v in n.kwargs.values()) or encoder.training \
+            or any(type(layer) is not nn.TransformerEncoderLayer or layer.training
+                   or not _plain_self_attention(layer.self_attn) for layer in encoder.layers) \
+            or encoder._forward_hooks or encoder._forward_pre_hooks:
+        return None
+    with graph.inserting_before(n):
+        x = n.args[0]
+        for i, layer in enumerate(encoder.layers):
+            x = _encoder_layer_ops(graph, x, f"{n.target}.layers.{i}", layer)
+            if x is None:
+                return None
+        return x if encoder.norm is None else graph.call_module(f"{n.target}.norm", (x,))
+
+
+# Ops the traced graph holds as the ops they compute (graph.trace), where that probes far less
+# or lets the cuts fall inside: fn(graph, node, module or None) -> the node computing the same
+# value, inserted before it, or None to keep the op whole. Modules first (their ops may hold
+# calls decomposed next); module types by exact type.
+DECOMPOSITIONS = {nn.TransformerEncoder: _encoder_steps, nn.TransformerEncoderLayer: _encoder_layer_steps,
+                  F.scaled_dot_product_attention: lambda graph, n, _: _attention_steps(graph, n)}
+
+
+def decompose(graph: fx.Graph, root: nn.Module) -> None:
+    """Replace the ops of ``DECOMPOSITIONS`` in ``graph`` (traced from ``root``) by the ops they
+    compute: module calls first, then function calls (those the modules' ops hold too)."""
+    for ops in ("call_module", "call_function"):
+        for n in list(graph.nodes):
+            if n.op != ops:
+                continue
+            mod = root.get_submodule(n.target) if ops == "call_module" else None
+            fn = DECOMPOSITIONS.get(type(mod)) if mod is not None else lookup(DECOMPOSITIONS, n.target)
+            new = fn(graph, n, mod) if fn is not None else None
+            if new is not None:
+                n.replace_all_uses_with(new)
+                graph.erase_node(n)
 
 # ---- footprints (SPP) and sample coupling of the ops above --------------------------------------
 
@@ -409,7 +490,8 @@ _know(_CALLS, [c for c in ELEMENTWISE_CALLS if _CALLS[c].footprint is None], foo
 
 
 # Ops whose output shares its input's storage (no memory of their own in the plan's prediction).
-_VIEW_CALLS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "expand_as",
+_VIEW_CALLS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "unsqueeze", "squeeze", "expand",
+               "expand_as", torch.unflatten,
                operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
                torch.unsqueeze}
 _VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)

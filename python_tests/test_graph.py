@@ -103,6 +103,47 @@ def test_transformer_encoder_with_linear_head():
     _check(model, x, torch.tensor([0, 3, 1]))
 
 
+class EncoderVariant(nn.Module):
+    """A TransformerEncoder (or one layer called directly) in one of its configurations."""
+
+    def __init__(self, variant):
+        super().__init__()
+        kw = dict(nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        kw.update({"norm_first": dict(norm_first=True), "gelu": dict(activation="gelu"),
+                   "module_act": dict(activation=nn.SiLU()), "no_bias": dict(bias=False)}.get(variant, {}))
+        layer = nn.TransformerEncoderLayer(8, **kw)
+        self.variant = variant
+        self.encoder = layer if variant == "layer" else nn.TransformerEncoder(
+            layer, num_layers=2, norm=nn.LayerNorm(8) if variant == "final_norm" else None,
+            enable_nested_tensor=False)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        if self.variant == "causal":  # a mask: the encoder is run whole
+            return self.head(self.encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(4),
+                                          is_causal=True).mean(1))
+        return self.head(self.encoder(x).mean(1))
+
+
+@pytest.mark.parametrize("variant", ["post_norm", "norm_first", "gelu", "module_act", "no_bias", "final_norm",
+                                     "layer", "causal"])
+def test_transformer_encoder_is_cut_inside_its_layers(variant):
+    """An eval TransformerEncoder (or layer) without masks is traced as the ops of its layers:
+    its norms and linears are cuts (the paper's single-layer leaves), the attention's products
+    fold, nothing calls Python; with a mask it stays one op. Against autograd, and both op
+    engines against the reference (float64)."""
+    from test_opengine import _engines_equal_the_reference
+    torch.manual_seed(0)
+    model = EncoderVariant(variant).double().eval()
+    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1])
+    est = _check(model, x, y)
+    names = " ".join(est.plan(x).stage_names)
+    assert ("norm1: LayerNorm" in names and "linear1: Linear" in names) == (variant != "causal"), names
+    if hzo_ext.has_extension():
+        assert est.executor == "cpp" and (est.last_stats.forward_calls == 0) == (variant != "causal")
+    _engines_equal_the_reference(model, x, y)
+
+
 def test_transformer_encoder_batch_first_false_refused():
     layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0)
     model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False), nn.Flatten(),
@@ -431,10 +472,11 @@ def _suite_models():
 # The models the C++ engines run without calling back into Python. The default engine in C++
 # (op level) runs every op of these itself, ops without a native node as the ATen calls make_fx
 # recorded (DeepZero's slicing and F.pad, the ViT's unbind items, attention and layer norms);
-# it calls Python for the TransformerEncoder (a module with submodules, not lowered). The
+# the TransformerEncoder is traced as the ops of its layers (registry.DECOMPOSITIONS). The
 # stage-wise C++ executor also calls Python for MobileNet's squeeze-excitation pieces (a
 # product of two branches inside a stage), DeepZero's shortcut and the ViT's blocks.
-OPS_IN_CPP_WITHOUT_PYTHON = {"resnet18", "mobilenet", "vit", "hand_resnet", "functional_mlp", "deepzero_resnet"}
+OPS_IN_CPP_WITHOUT_PYTHON = {"resnet18", "mobilenet", "vit", "hand_resnet", "functional_mlp", "deepzero_resnet",
+                             "encoder"}
 STAGES_IN_CPP_WITHOUT_PYTHON = {"resnet18", "hand_resnet", "functional_mlp"}
 
 
