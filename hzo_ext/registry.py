@@ -274,11 +274,31 @@ def _encoder_steps(graph: fx.Graph, n: fx.Node, encoder) -> fx.Node | None:
         return x if encoder.norm is None else graph.call_module(f"{n.target}.norm", (x,))
 
 
+def _self_attention_steps(graph: fx.Graph, n: fx.Node, mha) -> fx.Node | None:
+    """``out, _ = mha(x, x, x)``: self-attention without masks whose weights nobody reads, as
+    ``_self_attention_ops``; the items read as ``[0]`` become its output."""
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    bound = dict(zip(names, n.args), **n.kwargs)
+    plain = all(bound.get(k) is None for k in ("key_padding_mask", "attn_mask")) and not bound.get("is_causal")
+    items = [(u, u.args[1]) for u in n.users if u.op == "call_function" and u.target is operator.getitem]
+    if not (plain and _plain_self_attention(mha) and bound.get("query") is bound.get("key") is bound.get("value")
+            and len(items) == len(n.users) and all(i == 0 or (i == 1 and not u.users) for u, i in items)):
+        return None
+    with graph.inserting_before(n):
+        out = _self_attention_ops(graph, bound["query"], n.target, mha)
+    for u, i in items:
+        u.replace_all_uses_with(out)
+        graph.erase_node(u)
+    return out
+
+
 # Ops the traced graph holds as the ops they compute (graph.trace), where that probes far less
 # or lets the cuts fall inside: fn(graph, node, module or None) -> the node computing the same
 # value, inserted before it, or None to keep the op whole. Modules first (their ops may hold
 # calls decomposed next); module types by exact type.
 DECOMPOSITIONS = {nn.TransformerEncoder: _encoder_steps, nn.TransformerEncoderLayer: _encoder_layer_steps,
+                  nn.MultiheadAttention: _self_attention_steps,
                   F.scaled_dot_product_attention: lambda graph, n, _: _attention_steps(graph, n)}
 
 

@@ -144,6 +144,35 @@ def test_transformer_encoder_is_cut_inside_its_layers(variant):
     _engines_equal_the_reference(model, x, y)
 
 
+class AttentionBlock(nn.Module):
+    """A hand-written pre-norm block around nn.MultiheadAttention, the way people write them."""
+
+    def __init__(self, reads_weights=False):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head, self.reads_weights = nn.Linear(8, 5), reads_weights
+
+    def forward(self, x):
+        h = self.norm(x)
+        out, w = self.attn(h, h, h)
+        if self.reads_weights:  # the averaged weights are read: run whole
+            out = out + w.sum(-1, keepdim=True)
+        return self.head((x + out).mean(1))
+
+
+@pytest.mark.parametrize("reads_weights", [False, True])
+def test_multihead_self_attention_is_traced_as_its_ops_unless_its_weights_are_read(reads_weights):
+    from test_opengine import _engines_equal_the_reference
+    torch.manual_seed(0)
+    model = AttentionBlock(reads_weights).double().eval()
+    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1])
+    est = _check(model, x, y)
+    assert ("attn: MultiheadAttention" in " ".join(est.plan(x).stage_names)) == reads_weights
+    if hzo_ext.has_extension():
+        assert (est.last_stats.forward_calls == 0) == (not reads_weights)
+    _engines_equal_the_reference(model, x, y)
+
+
 def test_transformer_encoder_batch_first_false_refused():
     layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0)
     model = nn.Sequential(nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False), nn.Flatten(),
