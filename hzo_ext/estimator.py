@@ -290,6 +290,14 @@ def _bytes(n: int) -> str:
     return f"{n} bytes"
 
 
+def _same_forward(model_out: torch.Tensor, ours: torch.Tensor) -> None:
+    """The op-level engine's forward equals the model's own up to round-off (float32 or wider)."""
+    if not torch.allclose(model_out, ours, rtol=1e-5, atol=1e-6 * (1 + ours.abs().max().item())):
+        raise ValueError("the op-level engine's forward differs from the model's own (an op with side effects or "
+                         "aliasing torch.fx does not record, e.g. += on an alias or an in-place op on a view); pass "
+                         "split='bisect', executor='python'")
+
+
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"non-finite value (inf/nan) in a query: {what}; lower eps or check the model "
@@ -418,7 +426,7 @@ class StageEstimator:
             out = self.loss.per_sample(copies, ys, batch=B)
             _check_finite(out, "the per-sample loss on perturbed logits (loss head)")
             self.last_stats.loss_evals += n
-            return out.unsqueeze(1)
+            return out.unsqueeze(1).to(copies.dtype)  # a float64 target must not promote float32 queries
         return run
 
     def _loss_head(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -856,7 +864,16 @@ class HZO(StageEstimator):
                     prog.check_samples(few, clean)
                     del clean
                     model = self.model if isinstance(self.model, nn.Module) else nn.Sequential(*self.model)
-                    model_out = model(x.clone())  # the model's own forward, not a trace of it
+                    model_out = None
+                    if x.dtype in numerics.LOW_PRECISION:  # compared in float32, where round-off cannot hide
+                        wide = copy.deepcopy(model).float()  # a side effect (attention traced as its ops)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")  # the model's warnings were given once already
+                            wide_prog = opengine.OpProgram(wide)
+                        _same_forward(wide(x.float()), wide_prog.forward(x.float(), keep_vjp=False)[0][wide_prog.traced.out])
+                        del wide, wide_prog
+                    else:
+                        model_out = model(x.clone())  # the model's own forward, not a trace of it
             if plan_key not in self._op_cores:  # lowered once per input shape (None: the Python engine runs it)
                 self._op_cores[plan_key] = cpp_executor.CppOps.build(self, prog, x, chunks) \
                     if self._executor_args[0] != "python" else (None, "executor='python'")
@@ -867,12 +884,8 @@ class HZO(StageEstimator):
             _check_finite(logits, "the model's output in the clean forward")
             self.last_stats.forward_calls += 1
             if first:
-                # round-off apart (decomposed attention, reassociated sums): a few units of the dtype
-                tol = max(1e-6, 8 * torch.finfo(logits.dtype).eps)
-                if not torch.allclose(model_out, logits, rtol=10 * tol, atol=tol * (1 + logits.abs().max().item())):
-                    raise ValueError("the op-level engine's forward differs from the model's own (an op with side "
-                                     "effects or aliasing torch.fx does not record, e.g. += on an alias or an "
-                                     "in-place op on a view); pass split='bisect', executor='python'")
+                if model_out is not None:
+                    _same_forward(model_out, logits)
                 del model_out
                 self._dynamic_checked.add(key)
             loss = self.loss.check_reproduces(logits, y)

@@ -238,6 +238,9 @@ class OpProgram:
         again, _ = self.forward(x.clone(), keep_vjp=False)
         for s in self.steps:
             a, b = rows_of(env[s.node]), again[s.node]
+            if a is not None and not torch.isfinite(a).all():
+                raise ValueError(f"op {s.index} ({s.label}) gives non-finite values (inf/nan) in the clean forward "
+                                 f"of the input (overflow: check the model and the input's scale)")
             if a is not None and not (torch.equal(a, b) or torch.allclose(a, b, rtol=1e-6, atol=0)):
                 raise ValueError(f"op {s.index} ({s.label}) is not deterministic: two evaluations of the same input "
                                  f"differ, so finite differences through it are noise (fix its seed, call .eval(), "

@@ -122,6 +122,7 @@ class OpEntry:
                                       # op folds the inputs found only there
     footprint: object = None
     couples: object = None
+    lower: object = None  # lower(module): how the C++ executors run it natively (``lowering``), or None
 
 
 def _fixed(name):
@@ -195,11 +196,13 @@ def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
         return None
     q, k, v, scale = bound["query"], bound["key"], bound["value"], bound.get("scale")
     with graph.inserting_before(n):
-        if scale is None:  # torch's default 1 / sqrt(E), E the queries' last size
-            scale = graph.call_function(operator.pow, (graph.call_method("size", (q, -1)), -0.5))
-        scores = graph.call_function(torch.matmul, (q, graph.call_method("transpose", (k, -2, -1))))
-        weights = graph.call_function(torch.softmax, (graph.call_function(operator.mul, (scores, scale)), -1))
-        return graph.call_function(torch.matmul, (weights, v))
+        # q and k each scaled by sqrt(scale) before their product, as torch's math path does
+        # (float16 products of unscaled rows overflow where the fused kernel does not)
+        root = graph.call_function(operator.pow, (graph.call_method("size", (q, -1)), -0.25)) if scale is None \
+            else graph.call_function(operator.pow, (scale, 0.5)) if isinstance(scale, fx.Node) else scale ** 0.5
+        scores = graph.call_function(torch.matmul, (graph.call_function(operator.mul, (q, root)), graph.call_function(
+            operator.mul, (graph.call_method("transpose", (k, -2, -1)), root))))
+        return graph.call_function(torch.matmul, (graph.call_function(torch.softmax, (scores, -1)), v))
 
 
 def _self_attention_ops(graph: fx.Graph, x: fx.Node, prefix: str, mha: nn.MultiheadAttention) -> fx.Node:
@@ -576,24 +579,12 @@ def entry_for(op: str, target, module: nn.Module | None, inplace_kw: bool = Fals
                 type(module)._conv_forward is not getattr(cls, "_conv_forward", None):
             return _PROBED
         return _MODULES[cls]
-        return _PROBED
     if op in ("call_function", "call_method"):
         return lookup(_CALLS, target, _PROBED)
     return _PROBED
 
 
 # ---- how the C++ executors run a module (the ExecNode kinds of csrc/executor/stages.cpp) ----------
-
-_SIMPLE = {nn.ReLU.forward: "relu", nn.Tanh.forward: "tanh", nn.Sigmoid.forward: "sigmoid",
-           nn.SiLU.forward: "silu", nn.Mish.forward: "mish", nn.Hardswish.forward: "hardswish",
-           nn.Hardsigmoid.forward: "hardsigmoid",
-           nn.Identity.forward: "identity", nn.Flatten.forward: "flatten", nn.GELU.forward: "gelu",
-           nn.LeakyReLU.forward: "leaky_relu", nn.ELU.forward: "elu", nn.Softplus.forward: "softplus",
-           nn.Hardtanh.forward: "hardtanh"}
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_BATCHNORM_RANKS = {nn.BatchNorm1d: [2, 3], nn.BatchNorm2d: [4], nn.BatchNorm3d: [5]}
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-
 
 def is_stock(mod: nn.Module, cls: type, *methods: str) -> bool:
     """mod runs cls's own forward (and the named helper methods): no subclass override, no
@@ -609,55 +600,102 @@ def _tup(v, nd: int) -> list[int]:
 
 def lowering(mod: nn.Module) -> tuple | None:
     """(kind, tensors, ints, floats, text) of the ExecNode calling the ATen op ``mod``'s forward
-    calls, with the module's own tensors (an optimizer's updates are seen), or None."""
+    calls (its entry's ``lower``), with the module's own tensors (an optimizer's updates are
+    seen), or None."""
     if "forward" in mod.__dict__:  # a forward set on the instance runs in Python
         return None
-    if is_stock(mod, nn.Linear):
-        return "linear", [mod.weight, mod.bias], [], [], ""
-    for cls, nd in _CONVS.items():
-        if isinstance(mod, cls):
-            if not is_stock(mod, cls, "_conv_forward") or mod.padding_mode != "zeros":
-                return None
-            text = mod.padding if isinstance(mod.padding, str) else ""
-            pad = [0] * nd if text else _tup(mod.padding, nd)
-            return "conv", [mod.weight, mod.bias], [nd, mod.groups] + _tup(mod.stride, nd) + pad + \
-                _tup(mod.dilation, nd), [], text
-    for cls, ranks in _BATCHNORM_RANKS.items():
-        if isinstance(mod, cls):
-            if not is_stock(mod, cls, "_check_input_dim") or mod.training or mod.running_mean is None \
-                    or mod.running_var is None:
-                return None
-            momentum = 0.0 if mod.momentum is None else float(mod.momentum)
-            return "batch_norm", [mod.weight, mod.bias, mod.running_mean, mod.running_var], ranks, \
-                [momentum, float(mod.eps)], ""
-    if type(mod) in _DROPOUTS:
-        return None if mod.training else ("identity", [], [], [], "")
-    kind = _SIMPLE.get(type(mod).forward)
-    if kind == "gelu":
-        return kind, [], [], [], mod.approximate
-    if kind == "flatten":
-        return kind, [], [mod.start_dim, mod.end_dim], [], ""
-    if kind is not None:
-        floats = {"leaky_relu": lambda: [mod.negative_slope], "elu": lambda: [mod.alpha],
-                  "softplus": lambda: [mod.beta, mod.threshold],
-                  "hardtanh": lambda: [mod.min_val, mod.max_val]}.get(kind, list)()
-        # Never in place as the module asks: its input may be a clean activation later probes read
-        # (the values are the same; query intermediates nothing else holds are still overwritten).
-        return kind, [], [0], [float(f) for f in floats], ""
-    if type(mod) in (nn.MaxPool1d, nn.MaxPool2d) and not mod.return_indices:
-        nd = 1 if type(mod) is nn.MaxPool1d else 2
-        return "max_pool", [], [nd, int(mod.ceil_mode)] + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) + \
-            _tup(mod.padding, nd) + _tup(mod.dilation, nd), [], ""
-    if type(mod) in (nn.AvgPool1d, nn.AvgPool2d):
-        nd = 1 if type(mod) is nn.AvgPool1d else 2
-        div = getattr(mod, "divisor_override", None)
-        return "avg_pool", [], [nd, int(mod.ceil_mode), int(mod.count_include_pad), int(div is not None),
-                                int(div or 0)] + _tup(mod.kernel_size, nd) + _tup(mod.stride, nd) + \
-            _tup(mod.padding, nd), [], ""
-    if type(mod) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d):
-        nd = 1 if type(mod) is nn.AdaptiveAvgPool1d else 2
-        size = list(mod.output_size) if isinstance(mod.output_size, (tuple, list)) else [mod.output_size] * nd
-        if nd == 1 and size[0] is None:  # adaptive_avg_pool1d takes no None
+    lower = module_entry(mod).lower
+    return lower(mod) if lower is not None else None
+
+
+def _lower_linear(m):
+    return ("linear", [m.weight, m.bias], [], [], "") if is_stock(m, nn.Linear) else None
+
+
+def _lower_conv(cls, nd):
+    def lower(m):
+        if not is_stock(m, cls, "_conv_forward") or m.padding_mode != "zeros":
             return None
-        return "adaptive_avg_pool", [], [nd] + [-1 if s is None else int(s) for s in size], [], ""
-    return None
+        text = m.padding if isinstance(m.padding, str) else ""
+        pad = [0] * nd if text else _tup(m.padding, nd)
+        return "conv", [m.weight, m.bias], [nd, m.groups] + _tup(m.stride, nd) + pad + _tup(m.dilation, nd), [], text
+    return lower
+
+
+def _lower_batch_norm(cls, ranks):
+    def lower(m):
+        if not is_stock(m, cls, "_check_input_dim") or m.training or m.running_mean is None or m.running_var is None:
+            return None
+        momentum = 0.0 if m.momentum is None else float(m.momentum)
+        return "batch_norm", [m.weight, m.bias, m.running_mean, m.running_var], ranks, [momentum, float(m.eps)], ""
+    return lower
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _lower_dropout(m):
+    return None if type(m) not in _DROPOUTS or m.training else ("identity", [], [], [], "")
+
+
+def _lower_simple(cls, kind, floats=lambda m: []):
+    """An activation, Identity or Flatten: its class's own forward (a subclass keeping it too).
+    Never in place as the module asks: its input may be a clean activation later probes read
+    (the values are the same; query intermediates nothing else holds are still overwritten)."""
+    def lower(m):
+        if type(m).forward is not cls.forward:
+            return None
+        if kind == "gelu":
+            return kind, [], [], [], m.approximate
+        if kind == "flatten":
+            return kind, [], [m.start_dim, m.end_dim], [], ""
+        return kind, [], [0], [float(f) for f in floats(m)], ""
+    return lower
+
+
+def _lower_max_pool(cls, nd):
+    def lower(m):
+        if type(m) is not cls or m.return_indices:
+            return None
+        return "max_pool", [], [nd, int(m.ceil_mode)] + _tup(m.kernel_size, nd) + _tup(m.stride, nd) + \
+            _tup(m.padding, nd) + _tup(m.dilation, nd), [], ""
+    return lower
+
+
+def _lower_avg_pool(cls, nd):
+    def lower(m):
+        if type(m) is not cls:
+            return None
+        div = getattr(m, "divisor_override", None)
+        return "avg_pool", [], [nd, int(m.ceil_mode), int(m.count_include_pad), int(div is not None), int(div or 0)] + \
+            _tup(m.kernel_size, nd) + _tup(m.stride, nd) + _tup(m.padding, nd), [], ""
+    return lower
+
+
+def _lower_adaptive_avg_pool(cls, nd):
+    def lower(m):
+        size = list(m.output_size) if isinstance(m.output_size, (tuple, list)) else [m.output_size] * nd
+        if type(m) is not cls or (nd == 1 and size[0] is None):  # adaptive_avg_pool1d takes no None
+            return None
+        return "adaptive_avg_pool", [], [nd] + [-1 if v is None else int(v) for v in size], [], ""
+    return lower
+
+
+_know(_MODULES, (nn.Linear,), lower=_lower_linear)
+for _cls, _nd in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
+    _know(_MODULES, (_cls,), lower=_lower_conv(_cls, _nd))
+for _cls, _ranks in ((nn.BatchNorm1d, [2, 3]), (nn.BatchNorm2d, [4]), (nn.BatchNorm3d, [5])):
+    _know(_MODULES, (_cls,), lower=_lower_batch_norm(_cls, _ranks))
+_know(_MODULES, (nn.modules.dropout._DropoutNd,) + _DROPOUTS[:4], lower=_lower_dropout)
+for _cls, _kind, *_floats in (
+        (nn.ReLU, "relu"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"), (nn.SiLU, "silu"), (nn.Mish, "mish"),
+        (nn.Hardswish, "hardswish"), (nn.Hardsigmoid, "hardsigmoid"), (nn.Identity, "identity"),
+        (nn.Flatten, "flatten"), (nn.GELU, "gelu"), (nn.LeakyReLU, "leaky_relu", lambda m: [m.negative_slope]),
+        (nn.ELU, "elu", lambda m: [m.alpha]), (nn.Softplus, "softplus", lambda m: [m.beta, m.threshold]),
+        (nn.Hardtanh, "hardtanh", lambda m: [m.min_val, m.max_val])):  # Hardtanh: ReLU6 too
+    _know(_MODULES, (_cls,), lower=_lower_simple(_cls, _kind, *_floats))
+for _nd in (1, 2):
+    _know(_MODULES, (getattr(nn, f"MaxPool{_nd}d"),), lower=_lower_max_pool(getattr(nn, f"MaxPool{_nd}d"), _nd))
+    _know(_MODULES, (getattr(nn, f"AvgPool{_nd}d"),), lower=_lower_avg_pool(getattr(nn, f"AvgPool{_nd}d"), _nd))
+    _know(_MODULES, (getattr(nn, f"AdaptiveAvgPool{_nd}d"),),
+          lower=_lower_adaptive_avg_pool(getattr(nn, f"AdaptiveAvgPool{_nd}d"), _nd))

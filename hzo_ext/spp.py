@@ -131,6 +131,8 @@ def graph_footprint(gm: fx.GraphModule, in_shape: Sequence[int], where: str = "p
         if not ins or "tensor_meta" not in n.meta:
             continue  # parameters and constants; sizes and other non-tensors
         here = f"{where}: {n.op} {getattr(n.target, '__name__', n.target)}"
+        if not hasattr(n.meta["tensor_meta"], "shape"):
+            raise NoFootprint(here, "it gives a tuple")
         fp = fps[ins[0]]
         if n.op == "call_module" and len(ins) == 1 and n.args and n.args[0] is ins[0]:
             fps[n] = fp.then(footprint_of(gm.get_submodule(n.target), fp.out_sizes, f"{where}.{n.target}"))

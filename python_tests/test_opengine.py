@@ -547,21 +547,51 @@ def test_changes_after_construction_are_seen(change):
 
 
 class AliasedAdd(nn.Module):  # += on an alias: torch.fx records an out-of-place add
+    def __init__(self, shift=1.0):
+        super().__init__()
+        self.l1, self.l2, self.shift = nn.Linear(5, 5), nn.Linear(5, 3), shift
+
+    def forward(self, x):
+        h = self.l1(x)
+        g = h
+        h += self.shift
+        return self.l2(torch.tanh(g) * h)
+
+
+@pytest.mark.parametrize("dtype, shift", [(torch.float64, 1.0), (torch.bfloat16, 0.3), (torch.float16, 0.03)])
+def test_an_alias_fx_cannot_see_is_refused_not_wrong(dtype, shift):
+    """Low precision: compared in float32 copies (bfloat16's round-off let a shift of 0.3 through,
+    min cosine 0.979)."""
+    torch.manual_seed(0)
+    model = AliasedAdd(shift).to(dtype)
+    with pytest.raises(ValueError, match="differs from the model's own"):
+        hzo_ext.HZO(model, MSE, eps=1e-2).backward(torch.randn(4, 5, dtype=dtype), torch.zeros(4, 3, dtype=dtype))
+
+
+class LogOf(nn.Module):
     def __init__(self):
         super().__init__()
         self.l1, self.l2 = nn.Linear(5, 5), nn.Linear(5, 3)
 
     def forward(self, x):
-        h = self.l1(x)
-        g = h
-        h += 1.0
-        return self.l2(torch.tanh(g) * h)
+        return self.l2(torch.log(self.l1(x)))  # log of negatives: NaN
 
 
-def test_an_alias_fx_cannot_see_is_refused_not_wrong():
-    model = AliasedAdd().double()
-    with pytest.raises(ValueError, match="differs from the model's own"):
+def test_a_non_finite_clean_forward_is_named_not_called_non_deterministic():
+    model = LogOf().double()
+    with pytest.raises(ValueError, match=r"op 2 \(log\) gives non-finite values"):
         hzo_ext.HZO(model, MSE).backward(torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64))
+
+
+def test_query_dtype_float32_on_a_float64_model_with_a_float64_target():
+    """The float64 target promoted the loss head's float32 queries: a dtype mismatch in contract_sized."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    ref = hzo_ext.reference_named_grads(model, MSE, x, y)
+    model.zero_grad(set_to_none=True)
+    hzo_ext.HZO(model, MSE, query_dtype=torch.float32).backward(x, y)
+    assert min(hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref).values()) >= 0.999
 
 
 def test_detach_inside_forward_warns():

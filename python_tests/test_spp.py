@@ -207,3 +207,29 @@ def test_digits_cnn_spp_accuracy():
     g, est = _grads(model, CE(), x, y, split="chain")
     assert any(not s.dense for s in est.plan(x).splits)
     assert min(hzo_ext.per_layer_cosine(model, g, ref)) >= 0.99999
+
+
+class GatedConv(nn.Module):
+    """A gated conv block: chunk gives a tuple inside a traced stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 36, 3)
+
+    def forward(self, x):
+        a, b = self.c1(x).chunk(2, 1)
+        return self.fc(torch.tanh(self.c2(a * torch.sigmoid(b))).flatten(1))
+
+
+@pytest.mark.parametrize("split", ["bisect", "chain"])
+def test_a_tuple_valued_call_in_a_traced_stage_has_no_footprint(split):
+    """graph_footprint read a shape off chunk's tuple (AttributeError) in the stage-wise engines."""
+    torch.manual_seed(0)
+    model = GatedConv().double()
+    x, y = torch.randn(3, 3, 6, 6, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    ref = hzo_ext.reference_named_grads(model, nn.MSELoss(), x, y)
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that names the piece probed densely
+        hzo_ext.HZO(model, nn.MSELoss(), eps=1e-4, split=split).backward(x, y)
+    assert min(hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref).values()) >= 0.9999
