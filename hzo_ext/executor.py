@@ -611,10 +611,10 @@ class CppOps:
                 what = type(out).__name__ if type(out) in (tuple, list) else f"{type(out).__module__}.{type(out).__name__}"
                 return None, f"op {s.index} ({s.label}) gives a {what}, not one tensor"
             inputs = [a for a in s.inputs if a not in fixed]
-            item = None
-            if len(inputs) == 1 and inputs[0] in tuples:
+            item, folding = None, s.folds
+            if len(inputs) == 1 and inputs[0] in tuples:  # an item of an affine tuple op: that op's inputs
                 item, src = n.args[1], tuples[inputs[0]]
-                inputs = [a for a in src.inputs if a not in fixed]
+                inputs, folding = [a for a in src.inputs if a not in fixed], src.folds
             ins = [env[a] for a in inputs]
             if not all(isinstance(v, torch.Tensor) for v in ins):
                 return None, f"op {s.index} ({s.label}) takes a tuple of tensors"
@@ -636,10 +636,10 @@ class CppOps:
                 arith = binary_kind(n.target)
             if item is None and not arith:
                 node, recorded, call = CppOps._lowered(program, s, inputs, consts, env, B, mode != "affine")
-            if mode == "probed" and any(w and a not in s.folds and not opengine.batched(v, B)
+            if mode == "probed" and any(w and a not in folding and not opengine.batched(v, B)
                                         for a, v, w in zip(inputs, ins, wants)):
                 return None, f"op {s.index} ({s.label}) is probed on a tensor shared by the samples (Python)"
-            probes, folds = [], [mode == "probed" and a in s.folds for a in inputs]
+            probes, folds = [], [a in folding for a in inputs]  # affine ops: every input
             for a, v, w, f in zip(inputs, ins, wants, folds):
                 if mode != "probed" or not w or f:
                     probes.append((torch.zeros(0, dtype=torch.long, device=x.device), 0, 0, None))

@@ -30,8 +30,9 @@ int64_t per_sample(const at::Tensor& v) {
   return n;
 }
 
-// Its target comes from the op's VJP (every input of an affine op; the flagged ones of a probed op).
-bool folded(const OpStep& s, size_t k) { return s.mode == OpMode::Affine || (!s.folds.empty() && s.folds[k]); }
+// Its target comes from the op's VJP (the Python side flags every input of an affine op and the
+// inputs a probed op is affine in).
+bool folded(const OpStep& s, size_t k) { return s.folds[k]; }
 
 void add_to(at::Tensor& acc, const at::Tensor& g) { acc = acc.defined() ? acc + g : g; }
 
@@ -93,8 +94,7 @@ OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t ou
   for (const auto& s : steps_) {
     TORCH_CHECK(s.output > 0 && s.output < num_values_, "hzo op executor: ", s.label, ": output slot out of range");
     TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
-    TORCH_CHECK(s.folds.empty() || s.folds.size() == s.inputs.size(), "hzo op executor: ", s.label,
-                ": one folds flag per input");
+    TORCH_CHECK(s.folds.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one folds flag per input");
     TORCH_CHECK(s.shared.empty() || s.shared.size() == s.inputs.size(), "hzo op executor: ", s.label,
                 ": one shared flag per input");
     TORCH_CHECK(!s.inputs.empty() || s.call || s.program, "hzo op executor: ", s.label,

@@ -67,8 +67,8 @@ struct OpStep {
   std::vector<int64_t> inputs;  // value slots of its x-dependent tensor inputs (slot 0: x); none
                                 // for a callback reading sizes only (torch.zeros(x.size(0), 5))
   std::vector<bool> wants;      // per input: it needs a target (not x, floating)
-  std::vector<bool> folds;      // per input of a Probed op: its target is the op's VJP (an input
-                                // the op is affine in, the values of attention); Affine: all
+  std::vector<bool> folds;      // per input: its target is the op's VJP (every input of an Affine
+                                // op; those a Probed op is affine in, the values of attention)
   std::vector<bool> shared;     // per input: a tensor the same for every sample (a causal mask
                                 // made from sizes), passed to every probe as it is
   int64_t output = 0;           // its value slot
