@@ -13,7 +13,11 @@ by the fused kernel) against backprop, and on ResNet-20 against DeepZero's CGE.
   of coordinates of every layer and multiplied by the layer's coordinate count (a full run
   would take days); the count is exact.
 - vit: a small timm VisionTransformer (32x32 images, patch 8, width 64, depth 2, 2 heads),
-  float32, 1 thread, batch 32: attention and layer norms are probed densely.
+  float32, 1 thread, batch 32: attention traced as its ops (its softmax probed), layer norms
+  probed per feature.
+- encoder: nn.TransformerEncoder (width 64, 4 heads, FFN 128, GELU, 2 layers, eval) with a
+  linear head on the mean token, 16 tokens, float32, 1 thread, batch 32: traced as the ops of
+  its layers.
 HZO (the default: its C++ version where the extension is loaded), the same engine in Python
 (executor='python') and backprop are timed interleaved (round robin) in one process; medians. Accuracy:
 cosine per parameter tensor of the float32 estimate against float64 autograd. Memory: each
@@ -42,6 +46,20 @@ from hzo_ext.models import DeepZeroResNet, deep_mlp, resnet20_cifar
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+class EncoderClassifier(nn.Module):
+    """nn.TransformerEncoder (width 64, 4 heads, FFN 128, 2 layers, GELU) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, nhead=4, dim_feedforward=128, dropout=0.1, activation="gelu",
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
 def build(case: str, batch: int, seed: int = 0):
     torch.manual_seed(seed)
     if case == "mlp":
@@ -49,6 +67,9 @@ def build(case: str, batch: int, seed: int = 0):
         # 1e4, where float32's spacing exceeds the default eps and HZO refuses it)
         model = deep_mlp(64, 128, residual=True, din=128, dout=10, dtype=torch.float32, residual_scale=0.25)
         x = torch.randn(batch, 128)
+    elif case == "encoder":  # torch's own encoder as users build it, with a linear head on the mean token
+        model = EncoderClassifier().eval()
+        x = torch.randn(batch, 16, 64)
     elif case == "vit":
         import timm  # a test dependency (pyproject's test extra)
         model = timm.models.vision_transformer.VisionTransformer(
@@ -240,7 +261,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=["mlp", "resnet20", "vit", "all"], default="all")
+    ap.add_argument("--case", choices=["mlp", "resnet20", "vit", "encoder", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(RESULTS / "default_cpu"))
     args = ap.parse_args(argv)
@@ -251,6 +272,8 @@ def main(argv=None) -> None:
         configs += [("resnet20", 256, 2)]
     if args.case in ("vit", "all"):
         configs += [("vit", 32, 1)]
+    if args.case in ("encoder", "all"):
+        configs += [("encoder", 32, 1)]
     rows = [bench(c, b, t, args.repeats) for c, b, t in configs]
     if args.case in ("resnet20", "all"):
         rows.append(traced_vs_vocabulary(64, 2, args.repeats))
