@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
+import types
 import warnings
 
 import torch
@@ -78,9 +79,10 @@ class GraphStage(nn.Module):
 
 
 def _is_setting(v) -> bool:
+    """A plain setting, or a function a module calls (TransformerEncoderLayer.activation)."""
     if isinstance(v, tuple):
         return all(map(_is_setting, v))
-    return isinstance(v, (bool, int, float, str, type(None)))
+    return isinstance(v, (bool, int, float, str, type(None), types.FunctionType, types.BuiltinFunctionType))
 
 
 class ModelWatch:

@@ -34,6 +34,7 @@ with one colored probe, its footprint is the identity, and every engine reads it
 from __future__ import annotations
 
 import operator
+import types
 from dataclasses import dataclass, replace
 
 import torch
@@ -197,87 +198,101 @@ def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
     q, k, v, scale = bound["query"], bound["key"], bound["value"], bound.get("scale")
     with graph.inserting_before(n):
         # q and k each scaled by sqrt(scale) before their product, as torch's math path does
-        # (float16 products of unscaled rows overflow where the fused kernel does not)
-        root = graph.call_function(operator.pow, (graph.call_method("size", (q, -1)), -0.25)) if scale is None \
-            else graph.call_function(operator.pow, (scale, 0.5)) if isinstance(scale, fx.Node) else scale ** 0.5
-        scores = graph.call_function(torch.matmul, (graph.call_function(operator.mul, (q, root)), graph.call_function(
-            operator.mul, (graph.call_method("transpose", (k, -2, -1)), root))))
+        # (float16 products of unscaled rows overflow where the fused kernel does not); a scale
+        # computed at run time or not positive scales q alone
+        kt = graph.call_method("transpose", (k, -2, -1))
+        if scale is None:  # torch's default 1 / sqrt(E), E the queries' last size
+            scale = root = graph.call_function(operator.pow, (graph.call_method("size", (q, -1)), -0.25))
+        else:
+            root = scale ** 0.5 if isinstance(scale, (int, float)) and scale > 0 else None
+        q = graph.call_function(operator.mul, (q, scale if root is None else root))
+        kt = kt if root is None else graph.call_function(operator.mul, (kt, root))
+        scores = graph.call_function(torch.matmul, (q, kt))
         return graph.call_function(torch.matmul, (graph.call_function(torch.softmax, (scores, -1)), v))
 
 
-def _self_attention_ops(graph: fx.Graph, x: fx.Node, prefix: str, mha: nn.MultiheadAttention) -> fx.Node:
-    """``mha(x, x, x)[0]`` (batch first, packed projections, no mask) as ops: the projections
-    are linear ops on its parameters, the heads views, the attention the call decomposed below."""
-    qkv = graph.call_function(F.linear, (x, graph.get_attr(f"{prefix}.in_proj_weight"),
-                                         None if mha.in_proj_bias is None else graph.get_attr(f"{prefix}.in_proj_bias")))
+def _stock(module: nn.Module) -> bool:
+    """Runs its class's forward (none set on the instance), without hooks, in eval mode."""
+    return "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks \
+        and not module.training
+
+
+def _plain_self_attention(mha) -> bool:
+    """Batch-first self-attention with packed projections, no extra keys, stock and in eval."""
+    return type(mha) is nn.MultiheadAttention and mha.batch_first and mha._qkv_same_embed_dim and \
+        mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn and \
+        type(mha.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) and \
+        all(map(_stock, mha.modules()))
+
+
+def _plain_encoder_layer(layer) -> bool:
+    """An eval TransformerEncoderLayer (every submodule stock and in eval: its dropouts are
+    dropped from the graph) whose activation is a module or a plain function."""
+    return type(layer) is nn.TransformerEncoderLayer and all(map(_stock, layer.modules())) and \
+        _plain_self_attention(layer.self_attn) and \
+        isinstance(layer.activation, (nn.Module, types.FunctionType, types.BuiltinFunctionType))
+
+
+def _self_attention_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, mha: nn.MultiheadAttention) -> fx.Node:
+    """``mha(x, x, x)[0]`` (``_plain_self_attention``) as ops: the projections are linear ops on
+    its parameters, the heads views, the attention the call decomposed above."""
+    qkv = graph.call_function(F.linear, (x, attr(f"{prefix}.in_proj_weight"), attr(f"{prefix}.in_proj_bias")))
     chunks = graph.call_method("chunk", (qkv, 3, -1))
     heads = [graph.call_method("transpose", (graph.call_method("unflatten", (
         graph.call_function(operator.getitem, (chunks, i)), -1, (mha.num_heads, mha.head_dim))), 1, 2))
         for i in range(3)]
     out = graph.call_function(F.scaled_dot_product_attention, tuple(heads))
     out = graph.call_method("flatten", (graph.call_method("transpose", (out, 1, 2)), -2))
-    return graph.call_function(F.linear, (out, graph.get_attr(f"{prefix}.out_proj.weight"),
-                                          None if mha.out_proj.bias is None else
-                                          graph.get_attr(f"{prefix}.out_proj.bias")))
+    return graph.call_function(F.linear, (out, attr(f"{prefix}.out_proj.weight"), attr(f"{prefix}.out_proj.bias")))
 
 
-def _plain_self_attention(mha) -> bool:
-    return type(mha) is nn.MultiheadAttention and mha.batch_first and mha._qkv_same_embed_dim and \
-        mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn and not mha.training and \
-        type(mha.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) and \
-        not any(m._forward_hooks or m._forward_pre_hooks for m in mha.modules())
-
-
-def _encoder_layer_ops(graph: fx.Graph, x: fx.Node, prefix: str, layer) -> fx.Node | None:
-    """An eval ``nn.TransformerEncoderLayer`` without masks as the ops of its forward (post- or
-    pre-norm): its self-attention (``_self_attention_ops``), norms, linears and activation stay
-    modules or calls of the traced graph, so cuts fall between them."""
-    if type(layer) is not nn.TransformerEncoderLayer or layer.training or not _plain_self_attention(layer.self_attn) \
-            or any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
-        return None
-
+def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer) -> fx.Node:
+    """A ``_plain_encoder_layer`` as the ops of its forward (post- or pre-norm): its
+    self-attention (``_self_attention_ops``); its norms, linears and activation stay modules or
+    calls of the traced graph, so cuts fall between them."""
     def module(name, v):
         return graph.call_module(f"{prefix}.{name}", (v,))
 
     def feed_forward(v):
-        act = layer.activation
         h = module("linear1", v)
-        h = module("activation", h) if isinstance(act, nn.Module) else graph.call_function(act, (h,))
+        h = module("activation", h) if isinstance(layer.activation, nn.Module) else \
+            graph.call_function(layer.activation, (h,))
         return module("linear2", h)
 
+    def attention(v):
+        return _self_attention_ops(graph, attr, v, f"{prefix}.self_attn", layer.self_attn)
+
     if layer.norm_first:
-        x = graph.call_function(operator.add, (x, _self_attention_ops(graph, module("norm1", x),
-                                                                        f"{prefix}.self_attn", layer.self_attn)))
+        x = graph.call_function(operator.add, (x, attention(module("norm1", x))))
         return graph.call_function(operator.add, (x, feed_forward(module("norm2", x))))
-    x = module("norm1", graph.call_function(operator.add, (x, _self_attention_ops(graph, x, f"{prefix}.self_attn",
-                                                                                  layer.self_attn))))
+    x = module("norm1", graph.call_function(operator.add, (x, attention(x))))
     return module("norm2", graph.call_function(operator.add, (x, feed_forward(x))))
 
 
-def _encoder_layer_steps(graph: fx.Graph, n: fx.Node, layer) -> fx.Node | None:
-    if len(n.args) != 1 or any(v not in (None, False) for v in n.kwargs.values()):
-        return None  # masks or causality: run whole
+def _no_mask(n: fx.Node) -> bool:
+    return len(n.args) == 1 and all(v is None or v is False for v in n.kwargs.values())
+
+
+def _encoder_layer_steps(graph: fx.Graph, n: fx.Node, layer, attr) -> fx.Node | None:
+    if not (_no_mask(n) and _plain_encoder_layer(layer)):
+        return None  # masks or causality, or a layer set otherwise: run whole
     with graph.inserting_before(n):
-        return _encoder_layer_ops(graph, n.args[0], n.target, layer)
+        return _encoder_layer_ops(graph, attr, n.args[0], n.target, layer)
 
 
-def _encoder_steps(graph: fx.Graph, n: fx.Node, encoder) -> fx.Node | None:
+def _encoder_steps(graph: fx.Graph, n: fx.Node, encoder, attr) -> fx.Node | None:
     """An eval ``nn.TransformerEncoder`` without masks: its layers (``_encoder_layer_ops``), then its norm."""
-    if len(n.args) != 1 or any(v not in (None, False) for v in n.kwargs.values()) or encoder.training \
-            or any(type(layer) is not nn.TransformerEncoderLayer or layer.training
-                   or not _plain_self_attention(layer.self_attn) for layer in encoder.layers) \
-            or encoder._forward_hooks or encoder._forward_pre_hooks:
+    if not (_no_mask(n) and type(encoder) is nn.TransformerEncoder and _stock(encoder)
+            and all(map(_plain_encoder_layer, encoder.layers))):
         return None
     with graph.inserting_before(n):
         x = n.args[0]
         for i, layer in enumerate(encoder.layers):
-            x = _encoder_layer_ops(graph, x, f"{n.target}.layers.{i}", layer)
-            if x is None:
-                return None
+            x = _encoder_layer_ops(graph, attr, x, f"{n.target}.layers.{i}", layer)
         return x if encoder.norm is None else graph.call_module(f"{n.target}.norm", (x,))
 
 
-def _self_attention_steps(graph: fx.Graph, n: fx.Node, mha) -> fx.Node | None:
+def _self_attention_steps(graph: fx.Graph, n: fx.Node, mha, attr) -> fx.Node | None:
     """``out, _ = mha(x, x, x)``: self-attention without masks whose weights nobody reads, as
     ``_self_attention_ops``; the items read as ``[0]`` become its output."""
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -289,7 +304,7 @@ def _self_attention_steps(graph: fx.Graph, n: fx.Node, mha) -> fx.Node | None:
             and len(items) == len(n.users) and all(i == 0 or (i == 1 and not u.users) for u, i in items)):
         return None
     with graph.inserting_before(n):
-        out = _self_attention_ops(graph, bound["query"], n.target, mha)
+        out = _self_attention_ops(graph, attr, bound["query"], n.target, mha)
     for u, i in items:
         u.replace_all_uses_with(out)
         graph.erase_node(u)
@@ -297,27 +312,37 @@ def _self_attention_steps(graph: fx.Graph, n: fx.Node, mha) -> fx.Node | None:
 
 
 # Ops the traced graph holds as the ops they compute (graph.trace), where that probes far less
-# or lets the cuts fall inside: fn(graph, node, module or None) -> the node computing the same
-# value, inserted before it, or None to keep the op whole. Modules first (their ops may hold
-# calls decomposed next); module types by exact type.
+# or lets the cuts fall inside: fn(graph, node, module, attr) -> the node computing the same
+# value, inserted before it, or None to keep the op whole (``attr(path)``: a get_attr node of
+# the tensor at path under its first name, so a tensor reached twice is one parameter). Modules
+# first (their ops may hold calls decomposed next); module types by exact type.
 DECOMPOSITIONS = {nn.TransformerEncoder: _encoder_steps, nn.TransformerEncoderLayer: _encoder_layer_steps,
                   nn.MultiheadAttention: _self_attention_steps,
-                  F.scaled_dot_product_attention: lambda graph, n, _: _attention_steps(graph, n)}
+                  F.scaled_dot_product_attention: lambda graph, n, module, attr: _attention_steps(graph, n)}
 
 
 def decompose(graph: fx.Graph, root: nn.Module) -> None:
     """Replace the ops of ``DECOMPOSITIONS`` in ``graph`` (traced from ``root``) by the ops they
     compute: module calls first, then function calls (those the modules' ops hold too)."""
+    first_name = {id(t): name for name, t in reversed(list(root.named_parameters(remove_duplicate=False)) +
+                                                      list(root.named_buffers(remove_duplicate=False)))}
+
+    def attr(path: str) -> fx.Node | None:
+        owner, _, name = path.rpartition(".")
+        t = getattr(root.get_submodule(owner), name)
+        return None if t is None else graph.get_attr(first_name.get(id(t), path))
+
     for ops in ("call_module", "call_function"):
         for n in list(graph.nodes):
             if n.op != ops:
                 continue
             mod = root.get_submodule(n.target) if ops == "call_module" else None
             fn = DECOMPOSITIONS.get(type(mod)) if mod is not None else lookup(DECOMPOSITIONS, n.target)
-            new = fn(graph, n, mod) if fn is not None else None
+            new = fn(graph, n, mod, attr) if fn is not None else None
             if new is not None:
                 n.replace_all_uses_with(new)
                 graph.erase_node(n)
+
 
 # ---- footprints (SPP) and sample coupling of the ops above --------------------------------------
 

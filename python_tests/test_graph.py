@@ -1,7 +1,9 @@
 """Models nobody here wrote, run unmodified (traced with torch.fx), and the model-semantics cases
 that used to give silently wrong gradients."""
 import copy
+import functools
 import math
+import types
 import warnings
 
 import pytest
@@ -17,15 +19,15 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
 
-def _check(model, x, y, loss_fn=None, min_cos=0.9999, **kw):
-    """HZO on the unmodified model against float64 autograd of its own forward, per parameter
-    tensor; returns the estimator. ReLU-like kinks bias central differences at eps=1e-3 (a kink
-    inside +-eps), so the float64 checks use eps=1e-6."""
+def _check(model, x, y, loss_fn=None, min_cos=0.9999, est=None, **kw):
+    """HZO (``est``, or one made with ``kw``) on the unmodified model against float64 autograd of
+    its own forward, per parameter tensor; returns the estimator. ReLU-like kinks bias central
+    differences at eps=1e-3 (a kink inside +-eps), so the float64 checks use eps=1e-6."""
     kw.setdefault("eps", 1e-6)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     ref = hzo_ext.reference_named_grads(model, loss_fn, x, y)
     model.zero_grad(set_to_none=True)
-    est = hzo_ext.HZO(model, loss_fn, **kw)
+    est = est or hzo_ext.HZO(model, loss_fn, **kw)
     loss = est.backward(x, y)
     cos = hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref)
     assert len(cos) == len([p for p in model.parameters() if p.requires_grad])
@@ -170,6 +172,100 @@ def test_multihead_self_attention_is_traced_as_its_ops_unless_its_weights_are_re
     assert ("attn: MultiheadAttention" in " ".join(est.plan(x).stage_names)) == reads_weights
     if hzo_ext.has_extension():
         assert (est.last_stats.forward_calls == 0) == (not reads_weights)
+    _engines_equal_the_reference(model, x, y)
+
+
+# ---- found by hostile testing of the transformer decompositions (each silently wrong or a crash) ----
+
+class TwoAttentions(nn.Module):
+    def __init__(self, patched=False):
+        super().__init__()
+        self.a, self.b = nn.MultiheadAttention(8, 2, batch_first=True), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.b.in_proj_weight = self.a.in_proj_weight  # tied
+        self.head = nn.Linear(8, 5)
+        if patched:  # a forward set on the instance (attention-map tools do this): run as it is
+            def sharper(mha, q, k, v, **kw):
+                return nn.MultiheadAttention.forward(mha, q * 4, k, v, **kw)
+            self.a.forward = types.MethodType(sharper, self.a)
+
+    def forward(self, x):
+        h = x + self.a(x, x, x)[0]
+        return self.head((h + self.b(h, h, h)[0]).mean(1))
+
+
+def _shared_layers():
+    model = EncoderVariant("post_norm")
+    model.encoder.layers[1] = model.encoder.layers[0]  # one layer object twice (ALBERT-style)
+    return model
+
+
+def _partial_activation():
+    model = EncoderVariant("post_norm")
+    layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True,
+                                       activation=functools.partial(F.leaky_relu, negative_slope=0.1))
+    model.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    return model
+
+
+@pytest.mark.parametrize("make", [_shared_layers, lambda: TwoAttentions(), lambda: TwoAttentions(patched=True),
+                                  _partial_activation],
+                         ids=["shared_layer", "tied_weights", "patched_forward", "partial_activation"])
+def test_transformer_decompositions_keep_the_model(make):
+    """A parameter reached under two names lost one use's gradient (cosine 0.56-0.94: the
+    decomposition named it by its path); a forward set on the instance was replaced by the
+    stock ops (a wrong loss under split='bisect'); a functools.partial activation crashed."""
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1])
+    for split in ("auto", "bisect"):
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _check(model, x, y, split=split)
+
+
+def test_an_activation_function_changed_after_construction_is_traced_anew():
+    """The decomposition bakes a layer's activation function into the graph: the model watch
+    sees functions set on torch modules as settings."""
+    torch.manual_seed(0)
+    model = _partial_activation()
+    for layer in model.encoder.layers:
+        layer.activation = torch.tanh
+    model = model.double().eval()
+    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1])
+    est = _check(model, x, y)
+    for layer in model.encoder.layers:
+        layer.activation = torch.sigmoid
+    model.zero_grad(set_to_none=True)
+    _check(model, x, y, est=est)
+
+
+def test_a_dropout_in_training_mode_inside_an_eval_encoder_layer_is_refused():
+    model = EncoderVariant("layer").double().eval()
+    model.encoder.dropout1.train()  # the decomposition drops the layer's dropouts: it must not run
+    with pytest.raises(ValueError, match="submodule 'dropout1': Dropout in training mode"):
+        hzo_ext.HZO(model, nn.CrossEntropyLoss()).backward(torch.randn(3, 4, 8, dtype=torch.float64),
+                                                          torch.tensor([0, 3, 1]))
+
+
+class ScaledAttention(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.qkv, self.head, self.scale = nn.Linear(8, 24), nn.Linear(32, 5), scale
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.head(F.scaled_dot_product_attention(q, k, v, scale=self.scale).flatten(1))
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.5])
+def test_attention_with_an_explicit_scale(scale):
+    """A negative scale was split as sqrt(scale) on q and k: complex numbers, a crash."""
+    from test_opengine import _engines_equal_the_reference
+    torch.manual_seed(0)
+    model = ScaledAttention(scale).double()
+    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1])
+    _check(model, x, y)
     _engines_equal_the_reference(model, x, y)
 
 
