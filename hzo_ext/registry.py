@@ -21,8 +21,10 @@ An entry also holds the op's SPP footprint (``footprint``: the output positions 
 position can change, ``hzo_ext.footprint``; ``hzo_ext.spp`` composes them over sub-networks)
 and, for module types, why it breaks per-sample finite differences as it is set now
 (``couples``: BatchNorm or Dropout in training mode, ``batch_first=False``; ``coupling`` is
-what ``stages.check_stages_static`` asks). ``DECOMPOSITIONS`` are calls the traced graph holds
-as the ops they compute (attention without mask: its products fold, its softmax is probed).
+what ``stages.check_stages_static`` asks). ``DECOMPOSITIONS`` are ops the traced graph holds
+as the ops they compute: attention without mask (its products fold, its softmax is probed),
+eval ``nn.TransformerEncoder`` / ``TransformerEncoderLayer`` and ``MultiheadAttention``
+self-attention (cuts inside their layers).
 
 How the C++ executors run an op natively: ``lowering(module)`` gives the description of an
 ``_C.ExecNode`` (csrc/executor/stages.cpp) for the module types they run as ATen calls, and
