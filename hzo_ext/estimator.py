@@ -808,10 +808,13 @@ class HZO(StageEstimator):
                 peak = targets + B * item * n_out * (2 if s.entry.kernel is not None else 5)
             else:  # the inputs it is affine in fold (counted as a dense probe would), the others are probed
                 probed = [a for a in ins if a not in s.folds]
+                fused = [a for a in probed if opengine.fused_probe(s, a) is not None]  # a layer norm's input
+                probed = [a for a in probed if a not in fused]
                 colorings = [self._op_coloring(s, a, shapes[pos[a]], shapes[s.index]) for a in probed]
-                probes = sum(c.num_colors for c in colorings) + sum(size(a) for a in ins if a in s.folds)
-                how = "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
-                how += " + folded" if len(probed) < len(ins) else ""
+                probes = sum(c.num_colors for c in colorings) + sum(size(a) for a in ins if a in s.folds) + len(fused)
+                how = "fused" if fused and not probed else \
+                    "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
+                how += " + folded" if len(probed) + len(fused) < len(ins) else ""
                 K = max([c.num_colors for c in colorings] + [1])
                 # a probe's copies: the perturbed input, the others repeated, the output (the
                 # op's own temporaries, attention's weights, are not counted)

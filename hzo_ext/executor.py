@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from . import _ext
+from . import _ext, ops
 from .registry import SUMS, binary_kind, is_stock as _stock, lowering, module_for_call
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
@@ -521,7 +521,33 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
                 return None
     except Exception:  # noqa: BLE001 (what make_fx cannot record stays a Python call)
         return None
-    ref, calls, values, mutates, output = {}, [], len(clean), False, None
+    program = _program_calls(gm, len(clean))
+    return None if program is None else (tensors, *program)
+
+
+def fused_layer_norm_program(v: torch.Tensor, weight, normalized_ndim: int, norm_eps: float):
+    """``ops.probe_layer_norm`` of an input like v as a program for ``_C.OpStep(fused=...)``:
+    values (a, target, eps as a 0-dim tensor), then the weight; ``(tensors, calls, output,
+    clone_inputs)`` as ``aten_program`` gives, or None."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def probe(a, target, eps, *w):
+        return ops.probe_layer_norm(a, target, w[0] if w else None, normalized_ndim, norm_eps, eps)
+    tensors = [] if weight is None else [weight]
+    values = [v.detach(), torch.zeros_like(v), torch.tensor(1e-3, dtype=v.dtype, device=v.device)] + \
+        [t.detach() for t in tensors]
+    try:
+        program = _program_calls(make_fx(probe)(*values), len(values))
+    except Exception:  # noqa: BLE001 (not recorded: probed as other ops are)
+        return None
+    return None if program is None else (tensors, *program)
+
+
+def _program_calls(gm, num_values: int):
+    """The ATen calls of a make_fx recording whose first ``num_values`` placeholders are the
+    program's values: ``(calls, output, mutates)``, or None where a call gives a non-tensor or
+    reads a constant tensor made inside."""
+    ref, calls, values, mutates, output = {}, [], num_values, False, None
 
     def arg_of(v):
         if isinstance(v, fx.Node):
@@ -557,7 +583,7 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
             output = ref[node.args[0]]
         else:
             return None
-    return tensors, calls, output, mutates
+    return calls, output, mutates
 
 
 class CppOps:
@@ -640,8 +666,17 @@ class CppOps:
                                         for a, v, w in zip(inputs, ins, wants)):
                 return None, f"op {s.index} ({s.label}) is probed on a tensor shared by the samples (Python)"
             probes, folds = [], [a in folding for a in inputs]  # affine ops: every input
-            for a, v, w, f in zip(inputs, ins, wants, folds):
-                if mode != "probed" or not w or f:
+            fused, fused_input = None, -1
+            for k, (a, v, w, f) in enumerate(zip(inputs, ins, wants, folds)):
+                spec = opengine.fused_probe(s, a) if mode == "probed" and w and not f and fused is None else None
+                if spec is not None:  # a layer norm: its closed-form probe, recorded
+                    nd, norm_eps, weight = spec
+                    if isinstance(weight, fx.Node):  # a call's weight: a parameter or buffer only
+                        weight = env[weight] if weight.op == "get_attr" and _registered(program.model,
+                                                                                        weight.target) else False
+                    fused = None if weight is False else fused_layer_norm_program(v, weight, nd, norm_eps)
+                    fused_input = -1 if fused is None else k
+                if mode != "probed" or not w or f or k == fused_input:
                     probes.append((torch.zeros(0, dtype=torch.long, device=x.device), 0, 0, None))
                     continue
                 coloring = est._op_coloring(s, a, tuple(v.shape[1:]), tuple(out.shape[1:]))
@@ -653,7 +688,7 @@ class CppOps:
             steps.append(_C.OpStep(mode, [slots[a] for a in inputs], wants, folds, [a in t.shared for a in inputs],
                                    slots[n], node, arith, recorded, call, act,
                                    alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
-                                   math.prod(out.shape[1:]), labels[-1]))
+                                   math.prod(out.shape[1:]), labels[-1], fused, fused_input))
         core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")
         return CppOps(core, program, slots, consts, fixed, labels), None
 

@@ -90,6 +90,13 @@ def _tensors(v):
     return [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
 
 
+def fused_probe(s: OpStep, a: fx.Node) -> tuple | None:
+    """(normalized_ndim, norm_eps, weight) when op s's input a is probed by ``ops.probe_layer_norm``
+    (its registry entry says it is a layer norm of a), else None."""
+    fused = s.entry.fused
+    return None if fused is None else fused(s.module if s.module is not None else s.node, a)
+
+
 class OpProgram:
     """The traced graph of ``model`` with one ``OpStep`` per x-dependent op."""
 
@@ -466,6 +473,12 @@ class OpRun:
                                  f"the probes stack copies along the first dimension")
             return torch.cat([o.reshape(o.shape[0], -1) for o in items(y)], 1)
 
+        fused = fused_probe(s, a_node)
+        if fused is not None:  # a layer norm: every coordinate's +-eps pair in closed form
+            nd, norm_eps, w = fused
+            w = env[w] if isinstance(w, fx.Node) else w
+            self._count(1, 2)
+            return ops.probe_layer_norm(a_q, tq, None if w is None else q(w), nd, norm_eps, eps)
         coloring = est._op_coloring(s, a_node, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
         chunk = self.chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)
         delta = probe_targets(run_right, a_q, tq, eps, chunk, coloring, what=s.label, nvtx=f"hzo/op{s.index}")

@@ -14,8 +14,9 @@ made of it is probed:
 - everything else is ``probed``: the op is run on perturbed copies of each tensor input
   (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense), except the inputs
   it is affine in (``affine_args``: the values of attention, ``a`` in ``a / b``), which
-  fold. Opaque nodes (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always
-  probed.
+  fold, and a layer norm's input (``fused``), which takes one fused probe of every
+  coordinate, ``ops.probe_layer_norm``. Opaque nodes (``BlackBox``, ``hzo_ext.opaque``,
+  untraceable submodules) are always probed.
 
 An entry also holds the op's SPP footprint (``footprint``: the output positions each input
 position can change, ``hzo_ext.footprint``; ``hzo_ext.spp`` composes them over sub-networks)
@@ -126,6 +127,8 @@ class OpEntry:
     footprint: object = None
     couples: object = None
     lower: object = None  # lower(module): how the C++ executors run it natively (``lowering``), or None
+    fused: object = None  # fused(site, arg): (normalized_ndim, norm_eps, weight) when the op is a layer
+                          # norm of arg probed by ``ops.probe_layer_norm`` (weight: a tensor, a node, None)
 
 
 def _fixed(name):
@@ -422,6 +425,16 @@ def _layer_norm_call(n, arg, in_sizes, out_shape) -> Footprint:
     return _last_axes(in_sizes, tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
 
 
+def _layer_norm_call_fused(n, arg) -> tuple | None:
+    bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), n.args), **n.kwargs)
+    shape = bound.get("normalized_shape")
+    shape = (shape,) if type(shape) is int else shape
+    if bound.get("input") is not arg or not isinstance(shape, (tuple, list)) or not shape \
+            or not all(type(v) is int for v in shape) or type(bound.get("eps", 1e-5)) is not float:
+        return None  # sizes computed at run time, or probed in its weight or bias
+    return len(shape), bound.get("eps", 1e-5), bound.get("weight")
+
+
 def _softmax_call(n, arg, in_sizes, out_shape) -> Footprint:
     return _last_axis(in_sizes, _call_args(n, ("input", "dim"), arg).get("dim"))
 
@@ -523,6 +536,7 @@ _know(_MODULES, (nn.modules.dropout._DropoutNd, nn.Dropout, nn.Dropout1d, nn.Dro
 _know(_MODULES, (nn.LayerNorm,), footprint=lambda m, a, s, o: _last_axes(s, tuple(m.normalized_shape)))
 _know(_MODULES, (nn.Softmax, nn.LogSoftmax), footprint=lambda m, a, s, o: _last_axis(s, m.dim))
 _know(_MODULES, (nn.Flatten,), footprint=_flatten_ones)
+_know(_MODULES, (nn.LayerNorm,), fused=lambda m, arg: (len(m.normalized_shape), float(m.eps), m.weight))
 _know(_MODULES, _SAMPLE_MIXING, couples=_sequence_first)
 
 _know(_CALLS, (operator.getitem,), footprint=_slicing)
@@ -532,7 +546,7 @@ for _nd in (1, 2, 3):
     _know(_CALLS, (getattr(F, f"avg_pool{_nd}d"), getattr(F, f"max_pool{_nd}d")), footprint=_pool_call(_nd, False))
     _know(_CALLS, (getattr(F, f"adaptive_avg_pool{_nd}d"), getattr(F, f"adaptive_max_pool{_nd}d")),
           footprint=_pool_call(_nd, True))
-_know(_CALLS, (F.layer_norm,), footprint=_layer_norm_call)
+_know(_CALLS, (F.layer_norm,), footprint=_layer_norm_call, fused=_layer_norm_call_fused)
 _know(_CALLS, (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax", "log_softmax"),
       footprint=_softmax_call)
 _know(_CALLS, (F.scaled_dot_product_attention,), footprint=_attention)

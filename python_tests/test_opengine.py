@@ -400,11 +400,11 @@ def test_a_parameter_feeding_two_ops_gets_both_contributions():
 
 def test_the_memory_budget_sets_the_chunks_of_probed_ops():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.LayerNorm(32), nn.Linear(32, 3)).double()
+    model = nn.Sequential(nn.Linear(6, 32), nn.Softmax(dim=-1), nn.Linear(32, 3)).double()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     whole = hzo_ext.HZO(model, LOSS)
     plan = whole.plan(x)
-    (norm,) = [s for s in plan.splits if s.how == "dense"]  # LayerNorm: 32 dense probes
+    (norm,) = [s for s in plan.splits if s.how == "dense"]  # Softmax: 32 dense probes
     assert norm.chunks == 1
     whole.backward(x, y)
     g = [p.grad.clone() for p in model.parameters()]
@@ -861,8 +861,9 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize("causal, mask", [(False, False), (True, False), (False, True)])
 def test_attention_and_row_ops_are_probed_spp_and_equal_the_reference(causal, mask):
-    """SPP through layer norms and softmax over the last axis (one probe per feature, every
-    token at once). Attention without mask or causality is traced as the ops it computes,
+    """Layer norms by the fused probe (every feature's +-eps pair in closed form, one probe);
+    SPP through softmax over the last axis (one probe per feature, every token at once).
+    Attention without mask or causality is traced as the ops it computes,
     softmax(q k^T * scale) v: the products fold and the softmax takes one probe per key (5).
     Causal, it is probed whole (a query row changes its own output row: one probe per feature;
     a key its head: L*E probes, heads at once; the values fold); a mask makes it dense. Both
@@ -878,7 +879,8 @@ def test_attention_and_row_ops_are_probed_spp_and_equal_the_reference(causal, ma
     assert "scaled_dot_product_attention_1" not in how  # q = k = v, plain: decomposed too
     assert sorted(v for k, v in how.items() if k.startswith("softmax_")) == [("SPP", 5)] * (1 if mask or causal
                                                                                            else 2)
-    assert how["layer_norm"] == how["ln: LayerNorm"] == how["softmax"] == how["sm: Softmax"] == ("SPP", 8)
+    assert how["layer_norm"] == how["ln: LayerNorm"] == ("fused", 1)
+    assert how["softmax"] == how["sm: Softmax"] == ("SPP", 8)
     _engines_equal_the_reference(model, x, y)
     assert _min_cos(model, x, y) >= 0.99999
 
@@ -1010,3 +1012,23 @@ def test_a_nested_tuple_output_is_not_dropped():
     for name, g in ref.items():
         assert got[name] is not None, name
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-8)
+
+
+class DerivedNormWeight(nn.Module):
+    """F.layer_norm with a weight computed from a parameter: the C++ engine does not record the
+    fused probe on a tensor that changes with the parameter (probed per feature there instead)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.w, self.head = nn.Linear(6, 8), nn.Parameter(torch.rand(8) + 0.5), nn.Linear(40, 3)
+
+    def forward(self, x):  # [B, 5, 6]
+        return self.head(torch.tanh(F.layer_norm(self.lin(x), (8,), self.w * 2)).flatten(1))
+
+
+def test_a_layer_norm_with_a_derived_weight():
+    torch.manual_seed(0)
+    model = DerivedNormWeight().double()
+    x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.tensor([0, 2, 1])
+    _engines_equal_the_reference(model, x, y)
+    assert _min_cos(model, x, y) >= 0.9999

@@ -344,3 +344,24 @@ def test_device_mismatch():
         ops.perturb(g["a"].cuda(), g["colors"], g["probe_ids"].cuda(), 1e-3)
     with pytest.raises(ERR, match="target is on cpu but y is on cuda"):
         ops.contract(g["y"].cuda(), g["target"], g["owner"].cuda(), 1e-3)
+
+
+@pytest.mark.parametrize("shape, ndim, weighted", [((3, 5, 8), 1, True), ((2, 4, 3, 5), 2, True), ((4, 6), 1, False)])
+def test_probe_layer_norm_is_the_central_difference_of_the_layer_norm(shape, ndim, weighted):
+    """The closed form equals running F.layer_norm on x +- eps e_j for every coordinate j of a
+    row and contracting with the target (float64)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64)
+    norm = shape[-ndim:]
+    w = torch.randn(*norm, generator=g, dtype=torch.float64) if weighted else None
+    b = torch.randn(*norm, generator=g, dtype=torch.float64)
+    eps, E = 1e-3, math.prod(norm)
+    expect = torch.zeros(*shape[:-ndim], E, dtype=torch.float64)
+    for j in range(E):
+        e = torch.zeros(E, dtype=torch.float64)
+        e[j] = eps
+        moved = [F.layer_norm(x + sign * e.reshape(norm), norm, w, b, 1e-5) for sign in (1, -1)]
+        expect[..., j] = (t * (moved[0] - moved[1])).sum(tuple(range(-ndim, 0))) / (2 * eps)
+    got = ops.probe_layer_norm(x, t, w, ndim, 1e-5, eps)
+    assert ((got.reshape(expect.shape) - expect).abs().max() / expect.abs().max()).item() < 1e-10

@@ -225,7 +225,8 @@ void bind(py::module_& m) {
                        const std::string& arith,
                        const py::object& program, py::object call, int64_t act, double alpha, double beta,
                        std::vector<at::Tensor> params, const std::vector<ProbeTuple>& probes,
-                       std::optional<int64_t> chunk_size, int64_t num_outputs, std::string label) {
+                       std::optional<int64_t> chunk_size, int64_t num_outputs, std::string label,
+                       const py::object& fused, int64_t fused_input) {
              OpStep s;
              const auto it = std::find(kOpModes.begin(), kOpModes.end(), mode);
              TORCH_CHECK(it != kOpModes.end(), "hzo op executor: unknown op mode '", mode, "'");
@@ -248,12 +249,15 @@ void bind(py::module_& m) {
              s.beta = beta;
              s.params = std::move(params);
              for (const auto& p : probes) s.probes.push_back(make_probe(p, chunk_size, num_outputs));
+             s.fused = make_program(fused, 3, label);  // (a, target, eps)
+             s.fused_input = fused_input;
              s.label = std::move(label);
              return s;
            }),
            py::arg("mode"), py::arg("inputs"), py::arg("wants"), py::arg("folds"), py::arg("shared"), py::arg("output"), py::arg("node"),
            py::arg("arith"), py::arg("program"), py::arg("call"), py::arg("act"), py::arg("alpha"), py::arg("beta"),
-           py::arg("params"), py::arg("probes"), py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"));
+           py::arg("params"), py::arg("probes"), py::arg("chunk_size"), py::arg("num_outputs"), py::arg("label"),
+           py::arg("fused") = py::none(), py::arg("fused_input") = -1);
 
   py::class_<OpExecutor>(m, "OpExecutor", "Runs the op-level engine's estimates (hzo_ext/executor.py CppOps).")
       .def(py::init<std::vector<OpStep>, int64_t, int64_t, double, bool>(), py::arg("steps"), py::arg("num_values"),

@@ -95,6 +95,8 @@ OpExecutor::OpExecutor(std::vector<OpStep> steps, int64_t num_values, int64_t ou
     TORCH_CHECK(s.output > 0 && s.output < num_values_, "hzo op executor: ", s.label, ": output slot out of range");
     TORCH_CHECK(s.wants.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one wants flag per input");
     TORCH_CHECK(s.folds.size() == s.inputs.size(), "hzo op executor: ", s.label, ": one folds flag per input");
+    TORCH_CHECK(s.fused_input < static_cast<int64_t>(s.inputs.size()) && (s.fused_input < 0) == !s.fused,
+                "hzo op executor: ", s.label, ": a fused probe needs its program and its input");
     TORCH_CHECK(s.shared.empty() || s.shared.size() == s.inputs.size(), "hzo op executor: ", s.label,
                 ": one shared flag per input");
     TORCH_CHECK(!s.inputs.empty() || s.call || s.program, "hzo op executor: ", s.label,
@@ -253,7 +255,15 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
       }
     } else if (s.mode == OpMode::Probed) {
       for (size_t k = 0; k < s.inputs.size(); ++k) {
-        if (s.wants[k] && !folded(s, k)) got.emplace_back(s.inputs[k], probe(s, k, ti, counts, out));
+        if (!s.wants[k] || folded(s, k)) continue;
+        if (static_cast<int64_t>(k) == s.fused_input) {
+          const at::Tensor& a = values_[s.inputs[k]];
+          got.emplace_back(s.inputs[k], s.fused->run({a, ti, at::scalar_tensor(step(a), a.options())}));
+          out.probes += 1;
+          out.fd_layer_evals += 2;
+        } else {
+          got.emplace_back(s.inputs[k], probe(s, k, ti, counts, out));
+        }
       }
       // the local VJP (already taken with the folded inputs' targets when there are any)
       if (leaves_[i].empty() && !s.params.empty() && local_[i].defined() && local_[i].requires_grad()) {

@@ -80,6 +80,10 @@ struct OpStep {
   double alpha = 0, beta = 0;
   std::vector<at::Tensor> params;     // trainable parameters it reads (its leaf)
   std::vector<InputProbe> probes;     // Probed: per input
+  // Probed: input fused_input's target is this program of (a, target, eps as a 0-dim tensor):
+  // a layer norm's closed-form probe (hzo_ext.ops.probe_layer_norm, recorded)
+  std::shared_ptr<const AtenProgram> fused;
+  int64_t fused_input = -1;
   std::string label;
 };
 
