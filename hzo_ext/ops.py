@@ -103,10 +103,11 @@ def probe_layer_norm(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     of the whole layer norm, in closed form: moving x_j by +-eps moves the centred row by
     +-eps (e_j - 1/E) and its variance by +-2 eps xc_j / E + eps^2 (E - 1) / E^2, so with
     u = target * weight, r+- = rsqrt(var+- + norm_eps):
-    ``(sum(u xc) (r+ - r-) + eps (u_j - sum(u) / E) (r+ + r-)) / (2 eps)``. The same numbers as
-    running the layer norm on the 2E perturbed copies, up to round-off, in O(E) per row instead
-    of O(E^2). ``eps`` is a float or a 0-dim tensor (the C++ engine replays this as recorded ATen
-    calls with eps as an input)."""
+    ``(sum(u xc) (r+ - r-) + eps (u_j - sum(u) / E) (r+ + r-)) / (2 eps)``, with
+    r+ - r- = -4 eps xc_j / E (r+ r-)^2 / (r+ + r-) written out so that nothing cancels. The
+    same numbers as running the layer norm on the 2E perturbed copies (up to their round-off,
+    which this form avoids), in O(E) per row instead of O(E^2). ``eps`` is a float or a 0-dim
+    tensor (the C++ engine replays this as recorded ATen calls with eps as an input)."""
     dims = tuple(range(-normalized_ndim, 0))
     n = math.prod(x.shape[-normalized_ndim:])
     xc = x - x.mean(dims, keepdim=True)
@@ -116,7 +117,8 @@ def probe_layer_norm(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     r_plus = torch.rsqrt(var + moved + drift + norm_eps)
     r_minus = torch.rsqrt(var - moved + drift + norm_eps)
     total, mean = (u * xc).sum(dims, keepdim=True), u.sum(dims, keepdim=True) / n
-    return (total * (r_plus - r_minus) + eps * (u - mean) * (r_plus + r_minus)) / (2 * eps)
+    r_sum = r_plus + r_minus
+    return (u - mean) * r_sum / 2 - 2 * total * xc * (r_plus * r_minus) ** 2 / (n * r_sum)
 
 
 def dense_colors(num_coords: int, device=None) -> torch.Tensor:
