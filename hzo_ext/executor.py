@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from . import _ext, ops
+from . import _ext
 from .registry import SUMS, binary_kind, is_stock as _stock, lowering, module_for_call
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
@@ -525,22 +525,19 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
     return None if program is None else (tensors, *program)
 
 
-def fused_layer_norm_program(v: torch.Tensor, weight, normalized_ndim: int, norm_eps: float):
-    """``ops.probe_layer_norm`` of an input like v as a program for ``_C.OpStep(fused=...)``:
-    values (a, target, eps as a 0-dim tensor), then the weight; ``(tensors, calls, output,
+def fused_program(probe, v: torch.Tensor, tensors: list):
+    """A registry entry's fused probe (``probe(a, target, eps, *tensors)``, e.g. a layer norm's
+    ``ops.probe_layer_norm``) for inputs like v as a program for ``_C.OpStep(fused=...)``: values
+    (a, target, eps as a 0-dim tensor), then ``tensors``; ``(tensors, calls, output,
     clone_inputs)`` as ``aten_program`` gives, or None."""
     from torch.fx.experimental.proxy_tensor import make_fx
-
-    def probe(a, target, eps, *w):
-        return ops.probe_layer_norm(a, target, w[0] if w else None, normalized_ndim, norm_eps, eps)
-    tensors = [] if weight is None else [weight]
     values = [v.detach(), torch.zeros_like(v), torch.tensor(1e-3, dtype=v.dtype, device=v.device)] + \
         [t.detach() for t in tensors]
     try:
         program = _program_calls(make_fx(probe)(*values), len(values))
     except Exception:  # noqa: BLE001 (not recorded: probed as other ops are)
         return None
-    return None if program is None else (tensors, *program)
+    return None if program is None else (list(tensors), *program)
 
 
 def _program_calls(gm, num_values: int):
@@ -669,13 +666,13 @@ class CppOps:
             fused, fused_input = None, -1
             for k, (a, v, w, f) in enumerate(zip(inputs, ins, wants, folds)):
                 spec = opengine.fused_probe(s, a) if mode == "probed" and w and not f and fused is None else None
-                if spec is not None:  # a layer norm: its closed-form probe, recorded
-                    nd, norm_eps, weight = spec
-                    if isinstance(weight, fx.Node):  # a call's weight: a parameter or buffer only
-                        weight = env[weight] if weight.op == "get_attr" and _registered(program.model,
-                                                                                        weight.target) else False
-                    fused = None if weight is False else fused_layer_norm_program(v, weight, nd, norm_eps)
-                    fused_input = -1 if fused is None else k
+                if spec is not None:  # one fused probe (a layer norm's closed form), recorded
+                    probe, tensors = spec
+                    # a call's tensors: parameters or buffers only (a derived one changes with them)
+                    if all(not isinstance(c, fx.Node) or (c.op == "get_attr" and _registered(program.model, c.target))
+                           for c in tensors):
+                        fused = fused_program(probe, v, [env[c] if isinstance(c, fx.Node) else c for c in tensors])
+                        fused_input = -1 if fused is None else k
                 if mode != "probed" or not w or f or k == fused_input:
                     probes.append((torch.zeros(0, dtype=torch.long, device=x.device), 0, 0, None))
                     continue

@@ -91,8 +91,8 @@ def _tensors(v):
 
 
 def fused_probe(s: OpStep, a: fx.Node) -> tuple | None:
-    """(normalized_ndim, norm_eps, weight) when op s's input a is probed by ``ops.probe_layer_norm``
-    (its registry entry says it is a layer norm of a), else None."""
+    """(probe, tensors) when op s's input a takes one fused probe (its registry entry's ``fused``:
+    a layer norm's ``ops.probe_layer_norm``), ``probe(a, target, eps, *tensors)``; else None."""
     fused = s.entry.fused
     return None if fused is None else fused(s.module if s.module is not None else s.node, a)
 
@@ -474,11 +474,10 @@ class OpRun:
             return torch.cat([o.reshape(o.shape[0], -1) for o in items(y)], 1)
 
         fused = fused_probe(s, a_node)
-        if fused is not None:  # a layer norm: every coordinate's +-eps pair in closed form
-            nd, norm_eps, w = fused
-            w = env[w] if isinstance(w, fx.Node) else w
+        if fused is not None:  # every coordinate's +-eps pair at once (a layer norm's closed form)
+            probe, tensors = fused
             self._count(1, 2)
-            return ops.probe_layer_norm(a_q, tq, None if w is None else q(w), nd, norm_eps, eps)
+            return probe(a_q, tq, eps, *(q(env[w] if isinstance(w, fx.Node) else w) for w in tensors))
         coloring = est._op_coloring(s, a_node, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
         chunk = self.chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)
         delta = probe_targets(run_right, a_q, tq, eps, chunk, coloring, what=s.label, nvtx=f"hzo/op{s.index}")

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import ops
 from .footprint import Footprint, NoFootprint, mixing, within_last_axes
 
 __all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "BINARY", "ACT_CODES", "entry_for", "is_view",
@@ -127,8 +128,9 @@ class OpEntry:
     footprint: object = None
     couples: object = None
     lower: object = None  # lower(module): how the C++ executors run it natively (``lowering``), or None
-    fused: object = None  # fused(site, arg): (normalized_ndim, norm_eps, weight) when the op is a layer
-                          # norm of arg probed by ``ops.probe_layer_norm`` (weight: a tensor, a node, None)
+    fused: object = None  # fused(site, arg): (probe, tensors) when input arg takes one fused probe,
+                          # probe(a, target, eps, *tensors) -> its target (a layer norm: ops.probe_layer_norm;
+                          # tensors: the op's own, or fx nodes of them), else None
 
 
 def _fixed(name):
@@ -190,14 +192,17 @@ _PROBED = OpEntry("probed")
 _CALLS[F.scaled_dot_product_attention] = OpEntry("probed", affine_args=(2,))  # a weighted sum of the values
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+
+
 def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
     """``scaled_dot_product_attention(q, k, v)`` without mask, causality, dropout or GQA as the
     ops it computes, ``softmax(q @ k^T * scale) @ v``: the products fold, and only the softmax
     is probed, one probe per key position (its footprint is its row). Probed whole, a key
     moves every output row of its head: L*E probes, each running the whole attention."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    bound = dict(zip(names, n.args), **n.kwargs)
-    if set(bound) - set(names) or bound.get("attn_mask") is not None or bound.get("dropout_p", 0.0) != 0 \
+    bound = _call_args(n, _SDPA_ARGS)
+    if set(bound) - set(_SDPA_ARGS) or bound.get("attn_mask") is not None or bound.get("dropout_p", 0.0) != 0 \
             or bound.get("is_causal", False) is not False or bound.get("enable_gqa", False) is not False:
         return None
     q, k, v, scale = bound["query"], bound["key"], bound["value"], bound.get("scale")
@@ -216,7 +221,7 @@ def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
         return graph.call_function(torch.matmul, (graph.call_function(torch.softmax, (scores, -1)), v))
 
 
-def _stock(module: nn.Module) -> bool:
+def _as_built(module: nn.Module) -> bool:
     """Runs its class's forward (none set on the instance), without hooks, in eval mode."""
     return "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks \
         and not module.training
@@ -227,13 +232,13 @@ def _plain_self_attention(mha) -> bool:
     return type(mha) is nn.MultiheadAttention and mha.batch_first and mha._qkv_same_embed_dim and \
         mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn and \
         type(mha.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) and \
-        all(map(_stock, mha.modules()))
+        all(map(_as_built, mha.modules()))
 
 
 def _plain_encoder_layer(layer) -> bool:
     """An eval TransformerEncoderLayer (every submodule stock and in eval: its dropouts are
     dropped from the graph) whose activation is a module or a plain function."""
-    return type(layer) is nn.TransformerEncoderLayer and all(map(_stock, layer.modules())) and \
+    return type(layer) is nn.TransformerEncoderLayer and all(map(_as_built, layer.modules())) and \
         _plain_self_attention(layer.self_attn) and \
         isinstance(layer.activation, (nn.Module, types.FunctionType, types.BuiltinFunctionType))
 
@@ -287,7 +292,7 @@ def _encoder_layer_steps(graph: fx.Graph, n: fx.Node, layer, attr) -> fx.Node | 
 
 def _encoder_steps(graph: fx.Graph, n: fx.Node, encoder, attr) -> fx.Node | None:
     """An eval ``nn.TransformerEncoder`` without masks: its layers (``_encoder_layer_ops``), then its norm."""
-    if not (_no_mask(n) and type(encoder) is nn.TransformerEncoder and _stock(encoder)
+    if not (_no_mask(n) and type(encoder) is nn.TransformerEncoder and _as_built(encoder)
             and all(map(_plain_encoder_layer, encoder.layers))):
         return None
     with graph.inserting_before(n):
@@ -337,11 +342,11 @@ def decompose(graph: fx.Graph, root: nn.Module) -> None:
         t = getattr(root.get_submodule(owner), name)
         return None if t is None else graph.get_attr(first_name.get(id(t), path))
 
-    for ops in ("call_module", "call_function"):
+    for kind in ("call_module", "call_function"):
         for n in list(graph.nodes):
-            if n.op != ops:
+            if n.op != kind:
                 continue
-            mod = root.get_submodule(n.target) if ops == "call_module" else None
+            mod = root.get_submodule(n.target) if kind == "call_module" else None
             fn = DECOMPOSITIONS.get(type(mod)) if mod is not None else lookup(DECOMPOSITIONS, n.target)
             new = fn(graph, n, mod, attr) if fn is not None else None
             if new is not None:
@@ -420,19 +425,37 @@ def _call_args(n: fx.Node, names: tuple, arg: fx.Node | None = None) -> dict:
     return bound
 
 
+def _layer_norm_shape(bound: dict) -> tuple | None:
+    """F.layer_norm's normalized_shape as a tuple of ints, or None (sizes computed at run time)."""
+    shape = bound.get("normalized_shape")
+    shape = (shape,) if type(shape) is int else shape
+    return tuple(shape) if isinstance(shape, (tuple, list)) and shape and all(type(v) is int for v in shape) \
+        else None
+
+
 def _layer_norm_call(n, arg, in_sizes, out_shape) -> Footprint:
-    shape = _call_args(n, ("input", "normalized_shape"), arg).get("normalized_shape")
-    return _last_axes(in_sizes, tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
+    shape = _layer_norm_shape(_call_args(n, _LAYER_NORM_ARGS, arg))
+    if shape is None:
+        raise NoFootprint("", "normalized over sizes computed at run time")
+    return _last_axes(in_sizes, shape)
+
+
+def _layer_norm_probe(normalized_ndim: int, norm_eps: float):
+    def probe(a, target, eps, *weight):
+        return ops.probe_layer_norm(a, target, weight[0] if weight else None, normalized_ndim, norm_eps, eps)
+    return probe
+
+
+def _layer_norm_module_fused(m, arg) -> tuple:
+    return _layer_norm_probe(len(m.normalized_shape), float(m.eps)), [] if m.weight is None else [m.weight]
 
 
 def _layer_norm_call_fused(n, arg) -> tuple | None:
-    bound = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), n.args), **n.kwargs)
-    shape = bound.get("normalized_shape")
-    shape = (shape,) if type(shape) is int else shape
-    if bound.get("input") is not arg or not isinstance(shape, (tuple, list)) or not shape \
-            or not all(type(v) is int for v in shape) or type(bound.get("eps", 1e-5)) is not float:
+    bound = dict(zip(_LAYER_NORM_ARGS, n.args), **n.kwargs)
+    shape, norm_eps, weight = _layer_norm_shape(bound), bound.get("eps", 1e-5), bound.get("weight")
+    if bound.get("input") is not arg or shape is None or type(norm_eps) is not float:
         return None  # sizes computed at run time, or probed in its weight or bias
-    return len(shape), bound.get("eps", 1e-5), bound.get("weight")
+    return _layer_norm_probe(len(shape), norm_eps), [] if weight is None else [weight]
 
 
 def _softmax_call(n, arg, in_sizes, out_shape) -> Footprint:
@@ -486,7 +509,7 @@ def _pool_call(nd: int, adaptive: bool):
 def _attention(n, arg, in_sizes, out_shape) -> Footprint:
     """On [heads, L, E] without mask, dropout or GQA: a query row changes its own output row
     only, a key or value every row of its head."""
-    bound = _call_args(n, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"))
+    bound = _call_args(n, _SDPA_ARGS)
     plain = bound.get("attn_mask") is None and bound.get("dropout_p", 0.0) == 0 and not bound.get("enable_gqa")
     roles = [k for k in ("query", "key", "value") if bound.get(k) is arg]
     if len(in_sizes) != 2 or not plain or not roles:
@@ -536,7 +559,7 @@ _know(_MODULES, (nn.modules.dropout._DropoutNd, nn.Dropout, nn.Dropout1d, nn.Dro
 _know(_MODULES, (nn.LayerNorm,), footprint=lambda m, a, s, o: _last_axes(s, tuple(m.normalized_shape)))
 _know(_MODULES, (nn.Softmax, nn.LogSoftmax), footprint=lambda m, a, s, o: _last_axis(s, m.dim))
 _know(_MODULES, (nn.Flatten,), footprint=_flatten_ones)
-_know(_MODULES, (nn.LayerNorm,), fused=lambda m, arg: (len(m.normalized_shape), float(m.eps), m.weight))
+_know(_MODULES, (nn.LayerNorm,), fused=_layer_norm_module_fused)
 _know(_MODULES, _SAMPLE_MIXING, couples=_sequence_first)
 
 _know(_CALLS, (operator.getitem,), footprint=_slicing)
