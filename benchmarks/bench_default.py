@@ -18,6 +18,8 @@ by the fused kernel) against backprop, and on ResNet-20 against DeepZero's CGE.
 - encoder: nn.TransformerEncoder (width 64, 4 heads, FFN 128, GELU, 2 layers, eval) with a
   linear head on the mean token, 16 tokens, float32, 1 thread, batch 32: traced as the ops of
   its layers.
+- causal: the same encoder with a causal mask (nn.Transformer.generate_square_subsequent_mask,
+  is_causal=True), as a decoder-only language model runs it, the head on the last token.
 HZO (the default: its C++ version where the extension is loaded), the same engine in Python
 (executor='python') and backprop are timed interleaved (round robin) in one process; medians. Accuracy:
 cosine per parameter tensor of the float32 estimate against float64 autograd. Memory: each
@@ -47,16 +49,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class EncoderClassifier(nn.Module):
-    """nn.TransformerEncoder (width 64, 4 heads, FFN 128, 2 layers, GELU) and a linear head."""
+    """nn.TransformerEncoder (width 64, 4 heads, FFN 128, 2 layers, GELU) and a linear head on the
+    mean token, or (causal) on the last token of a causally masked encoder."""
 
-    def __init__(self):
+    def __init__(self, causal: bool = False):
         super().__init__()
+        self.causal = causal
         layer = nn.TransformerEncoderLayer(64, nhead=4, dim_feedforward=128, dropout=0.1, activation="gelu",
                                            batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         self.head = nn.Linear(64, 10)
 
     def forward(self, x):
+        if self.causal:
+            mask = nn.Transformer.generate_square_subsequent_mask(x.size(1), device=x.device)
+            return self.head(self.encoder(x, mask=mask, is_causal=True)[:, -1])
         return self.head(self.encoder(x).mean(1))
 
 
@@ -67,8 +74,8 @@ def build(case: str, batch: int, seed: int = 0):
         # 1e4, where float32's spacing exceeds the default eps and HZO refuses it)
         model = deep_mlp(64, 128, residual=True, din=128, dout=10, dtype=torch.float32, residual_scale=0.25)
         x = torch.randn(batch, 128)
-    elif case == "encoder":  # torch's own encoder as users build it, with a linear head on the mean token
-        model = EncoderClassifier().eval()
+    elif case in ("encoder", "causal"):  # torch's own encoder as users build it, with a linear head
+        model = EncoderClassifier(causal=case == "causal").eval()
         x = torch.randn(batch, 16, 64)
     elif case == "vit":
         import timm  # a test dependency (pyproject's test extra)
@@ -261,7 +268,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=["mlp", "resnet20", "vit", "encoder", "all"], default="all")
+    ap.add_argument("--case", choices=["mlp", "resnet20", "vit", "encoder", "causal", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(RESULTS / "default_cpu"))
     args = ap.parse_args(argv)
@@ -274,6 +281,8 @@ def main(argv=None) -> None:
         configs += [("vit", 32, 1)]
     if args.case in ("encoder", "all"):
         configs += [("encoder", 32, 1)]
+    if args.case in ("causal", "all"):
+        configs += [("causal", 32, 1)]
     rows = [bench(c, b, t, args.repeats) for c, b, t in configs]
     if args.case in ("resnet20", "all"):
         rows.append(traced_vs_vocabulary(64, 2, args.repeats))

@@ -22,6 +22,7 @@ import functools
 import itertools
 import math
 import operator
+import re
 import time
 
 import torch
@@ -465,6 +466,15 @@ def _record(program, s, inputs: list, held: list, env: dict, values: list, item)
     return make_fx(op)(*values)
 
 
+def _of_literals(n: fx.Node) -> bool:
+    """A value of the forward's literals alone (a mask of fixed size made in forward): a tensor
+    torch.fx kept when tracing (``_tensor_constant<k>``), or one made from those and numbers
+    only, so it never changes (a random one is refused as not deterministic)."""
+    if n.op == "get_attr":
+        return re.fullmatch(r"_tensor_constant\d+", n.target) is not None
+    return n.op in ("call_function", "call_method") and all(map(_of_literals, n.all_input_nodes))
+
+
 def _registered(model: nn.Module, target: str) -> bool:
     """``target`` (a get_attr path) is a parameter or buffer of its module."""
     owner, _, name = target.rpartition(".")
@@ -490,7 +500,7 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
     tensors of a Tensor[] one by one; each call says how many values there are after it).
 
     None where a recording would not be faithful: the op reads a tensor computed from
-    constants (``w.t()``: it changes with the parameters) or a tensor attribute that is not a
+    parameters or buffers (``w.t()``: it changes with them) or a tensor attribute that is not a
     parameter or buffer (it may be replaced without the model watch seeing it); it is a
     module with submodules, hooks or a forward of its own, or one marked opaque; an ATen op
     gives a non-tensor; or the op also runs on stacked copies (``on_copies``) and its
@@ -504,7 +514,7 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
         tensors = [operator.attrgetter(name)(mod) for name in held]
     else:
         held = [a for a in n.all_input_nodes if a not in inputs and isinstance(env[a], torch.Tensor)]
-        if not all(a.op == "get_attr" and _registered(program.model, a.target) for a in held):
+        if not all((a.op == "get_attr" and _registered(program.model, a.target)) or _of_literals(a) for a in held):
             return None  # a plain tensor attribute may be replaced without the model watch seeing it
         tensors = [env[a] for a in held]
     # as C++ runs it in the clean forward: inputs of a folded op (but for an in-place op, which

@@ -125,6 +125,13 @@ class _Tracer(fx.Tracer):
     def __init__(self, opaque_ids: set):
         super().__init__()
         self.opaque_ids = opaque_ids
+        self.without_grad: set = set()  # nodes traced inside torch.no_grad() (fx keeps no trace of it)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if not torch.is_grad_enabled() and node.op.startswith("call"):
+            self.without_grad.add(node)
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .registry import entry_for  # registered module types are ops, never traced into
@@ -160,13 +167,16 @@ def _untraceable(module: nn.Module, prefix: str, opaque_ids: set):
     return prefix, module
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, list[str]]:
-    """The model's graph, with untraceable submodules made opaque (their names returned)."""
+def _trace(model: nn.Module) -> tuple[fx.Graph, list[str], set]:
+    """The model's graph, with untraceable submodules made opaque (their names returned), and
+    the nodes traced inside torch.no_grad()."""
     opaque_ids: set = set()
     names: list[str] = []
     while True:
         try:
-            return _Tracer(opaque_ids).trace(model, concrete_args=_defaults(model)), names
+            tracer = _Tracer(opaque_ids)
+            with torch.enable_grad():
+                return tracer.trace(model, concrete_args=_defaults(model)), names, tracer.without_grad
         except Exception as exc:  # noqa: BLE001
             name, bad = _untraceable(model, "", opaque_ids) or ("", model)
             if bad is model:
@@ -175,6 +185,25 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, list[str]]:
                                 f"with hzo_ext.opaque(module)") from exc
             opaque_ids.add(id(bad))
             names.append(f"{name} ({type(bad).__name__})")
+
+
+def _warn_stop_gradients(graph: fx.Graph, without_grad: set) -> None:
+    """``.detach()``, ``.data`` and ``torch.no_grad()`` inside forward are autograd instructions;
+    a zeroth-order estimate follows the values, so gradients flow through them (and parameters
+    used only there get one): one warning naming them. ``x.data`` becomes ``x.detach()``."""
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is getattr and n.args[1:] == ("data",):
+            with graph.inserting_before(n):
+                detached = graph.call_method("detach", (n.args[0],))
+            n.replace_all_uses_with(detached)
+            graph.erase_node(n)
+    stops = [n.name for n in graph.nodes if n in without_grad or (n.op.startswith("call") and n.target in (
+        "detach", "detach_", torch.detach))]
+    if stops:
+        shown = ", ".join(stops[:6]) + (f" and {len(stops) - 6} more" if len(stops) > 6 else "")
+        warnings.warn(f"{shown}: .detach(), .data and torch.no_grad() inside forward are autograd instructions; a "
+                      f"zeroth-order estimate follows the values, so gradients flow through them here (and "
+                      f"parameters used only there get one)", stacklevel=5)
 
 
 # ---- cutting --------------------------------------------------------------------------------
@@ -225,10 +254,11 @@ class Traced:
 
 def trace(model: nn.Module) -> Traced:
     """Trace ``model`` (untraceable submodules opaque, one warning naming them), keep one input."""
-    graph, untraced = _trace(model)
+    graph, untraced, without_grad = _trace(model)
     if untraced:
         warnings.warn(f"torch.fx cannot trace {', '.join(untraced)}: run as opaque nodes (whole, never split)",
                       stacklevel=4)
+    _warn_stop_gradients(graph, without_grad)
     nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     if not inputs:

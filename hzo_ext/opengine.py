@@ -26,7 +26,7 @@ import copy
 import math
 import operator
 import os
-import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +120,7 @@ class OpProgram:
             inputs = tuple(dict.fromkeys(a for a in n.all_input_nodes if a in self.state))
             affine_in = inputs if entry.affine_args is None else _only_at(n, entry.affine_args, inputs)
             if entry.kind == "affine" and len(affine_in) < len(inputs):  # a / b, b depending on x: a folds
-                entry = OpEntry("probed", affine_args=entry.affine_args)
+                entry = dataclasses.replace(entry, kind="probed")
             own = list(module.parameters()) if module is not None else []
             own += [params[c.target] for c in self._constants_of(n) if c.target in params]
             own = tuple(p for p in dict.fromkeys(own) if p.requires_grad)
@@ -133,10 +133,6 @@ class OpProgram:
         if not self.steps:
             raise Unsupported("the model returns its input unchanged")
         self._step_of = {s.node: s for s in self.steps}
-        cut = [s.label for s in self.steps if s.node.target in ("detach", "detach_", torch.detach)]
-        if cut:
-            warnings.warn(f"{', '.join(cut)}: .detach() inside forward is an autograd instruction; a zeroth-order "
-                          f"estimate follows the values, so gradients flow through it here", stacklevel=5)
         # An in-place op whose input another op reads afterwards: that op would see the written
         # value in the model, the clean one here (the engine copies inputs of in-place ops).
         pos = {n: i for i, n in enumerate(t.order)}
@@ -245,7 +241,7 @@ class OpProgram:
         again, _ = self.forward(x.clone(), keep_vjp=False)
         for s in self.steps:
             a, b = rows_of(env[s.node]), again[s.node]
-            if a is not None and not torch.isfinite(a).all():
+            if a is not None and not (torch.isfinite(a) | (a == -math.inf if s.entry.masks else False)).all():
                 raise ValueError(f"op {s.index} ({s.label}) gives non-finite values (inf/nan) in the clean forward "
                                  f"of the input (overflow: check the model and the input's scale)")
             if a is not None and not (torch.equal(a, b) or torch.allclose(a, b, rtol=1e-6, atol=0)):

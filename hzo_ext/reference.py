@@ -132,7 +132,9 @@ def _differences(fn, tensors: dict, slot, eps: float):
     e = eps * torch.eye(N, dtype=a.dtype, device=a.device).view(N, *a.shape)
     copies = {s: torch.cat([a + e, a - e]) if s == slot else u.expand(2 * N, *u.shape) for s, u in tensors.items()}
     ys = torch.func.vmap(fn)(copies)
-    return {s: y[:N] - y[N:] for s, y in ys.items()}  # [N, *shape of the output]
+    # [N, *shape of the output]; an output the move leaves as it was differs by 0 (a masked -inf
+    # attention score: inf - inf would be nan)
+    return {s: torch.where(y[:N] == y[N:], 0, y[:N] - y[N:]) for s, y in ys.items()}
 
 
 def _probe(stages, a_m: tuple, delta_j: dict, m: int, j: int, eps: float) -> dict:

@@ -65,7 +65,8 @@ ELEMENTWISE_CALLS = {
     "sigmoid_": nn.Sigmoid, F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish, F.mish: nn.Mish,
     F.relu6: None, F.hardsigmoid: nn.Hardsigmoid, F.hardtanh: None, F.leaky_relu: None, F.elu: None, F.softplus: None,
     F.dropout: None, operator.neg: None, torch.neg: None, "neg": None, torch.abs: None, "abs": None, torch.exp: None,
-    "exp": None, "contiguous": None, "clone": None, "clamp": None, "clamp_min": None}
+    "exp": None, "contiguous": None, "clone": None, "clamp": None, "clamp_min": None, "detach": nn.Identity,
+    torch.detach: nn.Identity}
 
 
 def module_for_call(target, args: tuple, kwargs: dict) -> nn.Module | None:
@@ -131,6 +132,7 @@ class OpEntry:
     fused: object = None  # fused(site, arg): (probe, tensors) when input arg takes one fused probe,
                           # probe(a, target, eps, *tensors) -> its target (a layer norm: ops.probe_layer_norm;
                           # tensors: the op's own, or fx nodes of them), else None
+    masks: bool = False  # its -inf outputs are masked entries (attention scores), not an overflow
 
 
 def _fixed(name):
@@ -171,6 +173,8 @@ _CALLS: dict = {
     torch.tanh: _elementwise(_fixed("tanh")), F.tanh: _elementwise(_fixed("tanh")), "tanh": _elementwise(_fixed("tanh")),
     torch.sigmoid: _elementwise(_fixed("sigmoid")), F.sigmoid: _elementwise(_fixed("sigmoid")),
     "sigmoid": _elementwise(_fixed("sigmoid")), F.silu: _elementwise(), F.gelu: _elementwise(),
+    # a stop-gradient is an identity on the values (graph.trace warns): one fused probe copies the target
+    "detach": _elementwise(_fixed("identity")), torch.detach: _elementwise(_fixed("identity")),
 }
 for _c in ELEMENTWISE_CALLS:
     _CALLS.setdefault(_c, _elementwise())
@@ -196,29 +200,58 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 _LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 
 
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                  as_mha: bool = False) -> torch.Tensor:
+    """Attention scores [..., L, S] masked as ``scaled_dot_product_attention`` masks them: a
+    bool mask keeps its True entries (the others -inf), a float mask is added, ``causal`` keeps
+    key j <= query i. ``as_mha``: the mask as ``nn.MultiheadAttention`` takes it (a bool mask's
+    True entries are the ones masked; a 3-d mask [B * heads, L, S] is [B, heads, L, S]).
+    Affine in the scores (a decomposed attention folds it)."""
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    elif as_mha and mask.dim() == 3:
+        mask = mask.unflatten(0, (-1, scores.shape[-3]))
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(mask if as_mha and not causal else mask.logical_not(), float("-inf"))
+    return scores + mask
+
+
+_CALLS[masked_scores] = OpEntry("affine", affine_args=(0,), masks=True)  # the mask: a constant or a flag
+
+
+def _attention_ops(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, scale=None, mask: fx.Node | None = None,
+                   causal: bool = False, as_mha: bool = False) -> fx.Node:
+    """``softmax(masked_scores(q @ k^T * scale)) @ v`` (``masked_scores`` for the mask)."""
+    # q and k each scaled by sqrt(scale) before their product, as torch's math path does
+    # (float16 products of unscaled rows overflow where the fused kernel does not); a scale
+    # computed at run time or not positive scales q alone
+    kt = graph.call_method("transpose", (k, -2, -1))
+    if scale is None:  # torch's default 1 / sqrt(E), E the queries' last size
+        scale = root = graph.call_function(operator.pow, (graph.call_method("size", (q, -1)), -0.25))
+    else:
+        root = scale ** 0.5 if isinstance(scale, (int, float)) and scale > 0 else None
+    q = graph.call_function(operator.mul, (q, scale if root is None else root))
+    kt = kt if root is None else graph.call_function(operator.mul, (kt, root))
+    scores = graph.call_function(torch.matmul, (q, kt))
+    if mask is not None or causal:
+        scores = graph.call_function(masked_scores, (scores, mask, causal, as_mha))
+    return graph.call_function(torch.matmul, (graph.call_function(torch.softmax, (scores, -1)), v))
+
+
 def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
-    """``scaled_dot_product_attention(q, k, v)`` without mask, causality, dropout or GQA as the
-    ops it computes, ``softmax(q @ k^T * scale) @ v``: the products fold, and only the softmax
-    is probed, one probe per key position (its footprint is its row). Probed whole, a key
-    moves every output row of its head: L*E probes, each running the whole attention."""
+    """``scaled_dot_product_attention(q, k, v)`` without dropout or GQA as the ops it computes
+    (``_attention_ops``): the products and the mask fold, and only the softmax is probed, one
+    probe per key position (its footprint is its row; a masked score stays -inf, so its probe
+    changes nothing). Probed whole, a key moves every output row of its head: L*E probes,
+    each running the whole attention."""
     bound = _call_args(n, _SDPA_ARGS)
-    if set(bound) - set(_SDPA_ARGS) or bound.get("attn_mask") is not None or bound.get("dropout_p", 0.0) != 0 \
-            or bound.get("is_causal", False) is not False or bound.get("enable_gqa", False) is not False:
-        return None
-    q, k, v, scale = bound["query"], bound["key"], bound["value"], bound.get("scale")
+    mask, causal = bound.get("attn_mask"), bound.get("is_causal", False)
+    if set(bound) - set(_SDPA_ARGS) or bound.get("dropout_p", 0.0) != 0 or causal not in (False, True) \
+            or (causal and mask is not None) or not isinstance(mask, (fx.Node, type(None))) \
+            or bound.get("enable_gqa", False) is not False:
+        return None  # (torch refuses a mask with is_causal=True)
     with graph.inserting_before(n):
-        # q and k each scaled by sqrt(scale) before their product, as torch's math path does
-        # (float16 products of unscaled rows overflow where the fused kernel does not); a scale
-        # computed at run time or not positive scales q alone
-        kt = graph.call_method("transpose", (k, -2, -1))
-        if scale is None:  # torch's default 1 / sqrt(E), E the queries' last size
-            scale = root = graph.call_function(operator.pow, (graph.call_method("size", (q, -1)), -0.25))
-        else:
-            root = scale ** 0.5 if isinstance(scale, (int, float)) and scale > 0 else None
-        q = graph.call_function(operator.mul, (q, scale if root is None else root))
-        kt = kt if root is None else graph.call_function(operator.mul, (kt, root))
-        scores = graph.call_function(torch.matmul, (q, kt))
-        return graph.call_function(torch.matmul, (graph.call_function(torch.softmax, (scores, -1)), v))
+        return _attention_ops(graph, bound["query"], bound["key"], bound["value"], bound.get("scale"), mask, causal)
 
 
 def _as_built(module: nn.Module) -> bool:
@@ -243,20 +276,21 @@ def _plain_encoder_layer(layer) -> bool:
         isinstance(layer.activation, (nn.Module, types.FunctionType, types.BuiltinFunctionType))
 
 
-def _self_attention_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, mha: nn.MultiheadAttention) -> fx.Node:
-    """``mha(x, x, x)[0]`` (``_plain_self_attention``) as ops: the projections are linear ops on
-    its parameters, the heads views, the attention the call decomposed above."""
+def _self_attention_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, mha: nn.MultiheadAttention,
+                        mask: fx.Node | None) -> fx.Node:
+    """``mha(x, x, x, attn_mask=mask)[0]`` (``_plain_self_attention``) as ops: the projections are
+    linear ops on its parameters, the heads views, then ``_attention_ops``."""
     qkv = graph.call_function(F.linear, (x, attr(f"{prefix}.in_proj_weight"), attr(f"{prefix}.in_proj_bias")))
     chunks = graph.call_method("chunk", (qkv, 3, -1))
     heads = [graph.call_method("transpose", (graph.call_method("unflatten", (
         graph.call_function(operator.getitem, (chunks, i)), -1, (mha.num_heads, mha.head_dim))), 1, 2))
         for i in range(3)]
-    out = graph.call_function(F.scaled_dot_product_attention, tuple(heads))
+    out = _attention_ops(graph, *heads, mask=mask, as_mha=True)
     out = graph.call_method("flatten", (graph.call_method("transpose", (out, 1, 2)), -2))
     return graph.call_function(F.linear, (out, attr(f"{prefix}.out_proj.weight"), attr(f"{prefix}.out_proj.bias")))
 
 
-def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer) -> fx.Node:
+def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer, mask: fx.Node | None) -> fx.Node:
     """A ``_plain_encoder_layer`` as the ops of its forward (post- or pre-norm): its
     self-attention (``_self_attention_ops``); its norms, linears and activation stay modules or
     calls of the traced graph, so cuts fall between them."""
@@ -270,7 +304,7 @@ def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer) ->
         return module("linear2", h)
 
     def attention(v):
-        return _self_attention_ops(graph, attr, v, f"{prefix}.self_attn", layer.self_attn)
+        return _self_attention_ops(graph, attr, v, f"{prefix}.self_attn", layer.self_attn, mask)
 
     if layer.norm_first:
         x = graph.call_function(operator.add, (x, attention(module("norm1", x))))
@@ -279,42 +313,53 @@ def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer) ->
     return module("norm2", graph.call_function(operator.add, (x, feed_forward(x))))
 
 
-def _no_mask(n: fx.Node) -> bool:
-    return len(n.args) == 1 and all(v is None or v is False for v in n.kwargs.values())
+def _attention_mask(bound: dict, mask_name: str, padding_name: str) -> tuple[bool, fx.Node | None]:
+    """(decomposable, attn_mask) of a self-attention module's call: an attention mask (a node)
+    or none, no key padding mask. ``is_causal`` is a hint that the mask is causal, so the mask
+    is used (torch's causal kernel gives the same values); without a mask torch refuses it."""
+    mask = bound.get(mask_name)
+    ok = bound.get(padding_name) is None and isinstance(mask, (fx.Node, type(None))) and \
+        (mask is not None or not bound.get("is_causal"))
+    return ok, mask
 
 
 def _encoder_layer_steps(graph: fx.Graph, n: fx.Node, layer, attr) -> fx.Node | None:
-    if not (_no_mask(n) and _plain_encoder_layer(layer)):
-        return None  # masks or causality, or a layer set otherwise: run whole
+    bound = dict(zip(("src", "src_mask", "src_key_padding_mask", "is_causal"), n.args), **n.kwargs)
+    ok, mask = _attention_mask(bound, "src_mask", "src_key_padding_mask")
+    if not (ok and _plain_encoder_layer(layer)):
+        return None  # a key padding mask, or a layer set otherwise: run whole
     with graph.inserting_before(n):
-        return _encoder_layer_ops(graph, attr, n.args[0], n.target, layer)
+        return _encoder_layer_ops(graph, attr, bound["src"], n.target, layer, mask)
 
 
 def _encoder_steps(graph: fx.Graph, n: fx.Node, encoder, attr) -> fx.Node | None:
-    """An eval ``nn.TransformerEncoder`` without masks: its layers (``_encoder_layer_ops``), then its norm."""
-    if not (_no_mask(n) and type(encoder) is nn.TransformerEncoder and _as_built(encoder)
+    """An eval ``nn.TransformerEncoder`` without key padding mask: its layers
+    (``_encoder_layer_ops``), then its norm."""
+    bound = dict(zip(("src", "mask", "src_key_padding_mask", "is_causal"), n.args), **n.kwargs)
+    ok, mask = _attention_mask(bound, "mask", "src_key_padding_mask")
+    if not (ok and type(encoder) is nn.TransformerEncoder and _as_built(encoder)
             and all(map(_plain_encoder_layer, encoder.layers))):
         return None
     with graph.inserting_before(n):
-        x = n.args[0]
+        x = bound["src"]
         for i, layer in enumerate(encoder.layers):
-            x = _encoder_layer_ops(graph, attr, x, f"{n.target}.layers.{i}", layer)
+            x = _encoder_layer_ops(graph, attr, x, f"{n.target}.layers.{i}", layer, mask)
         return x if encoder.norm is None else graph.call_module(f"{n.target}.norm", (x,))
 
 
 def _self_attention_steps(graph: fx.Graph, n: fx.Node, mha, attr) -> fx.Node | None:
-    """``out, _ = mha(x, x, x)``: self-attention without masks whose weights nobody reads, as
-    ``_self_attention_ops``; the items read as ``[0]`` become its output."""
+    """``out, _ = mha(x, x, x)``: self-attention without key padding mask whose weights nobody
+    reads, as ``_self_attention_ops``; the items read as ``[0]`` become its output."""
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
     bound = dict(zip(names, n.args), **n.kwargs)
-    plain = all(bound.get(k) is None for k in ("key_padding_mask", "attn_mask")) and not bound.get("is_causal")
+    ok, mask = _attention_mask(bound, "attn_mask", "key_padding_mask")
     items = [(u, u.args[1]) for u in n.users if u.op == "call_function" and u.target is operator.getitem]
-    if not (plain and _plain_self_attention(mha) and bound.get("query") is bound.get("key") is bound.get("value")
+    if not (ok and _plain_self_attention(mha) and bound.get("query") is bound.get("key") is bound.get("value")
             and len(items) == len(n.users) and all(i == 0 or (i == 1 and not u.users) for u, i in items)):
         return None
     with graph.inserting_before(n):
-        out = _self_attention_ops(graph, attr, bound["query"], n.target, mha)
+        out = _self_attention_ops(graph, attr, bound["query"], n.target, mha, mask)
     for u, i in items:
         u.replace_all_uses_with(out)
         graph.erase_node(u)

@@ -185,7 +185,7 @@ class LossHead:
     terms summed; the reduction's scale is reproduced (1 for 'sum'; for 'mean' 1/numel of
     the unreduced loss, or 1/sum of target class weights for CrossEntropy/NLL with weights
     or ignore_index; 1/B for KLDiv 'batchmean'). A plain callable must return per-sample
-    losses [B]; the objective is their mean.
+    losses [B] (or [B, ...]: each sample's terms are summed); the objective is their mean.
     """
 
     def __init__(self, loss_fn):
@@ -259,10 +259,31 @@ class LossHead:
             return _call_loss(self.reduced, z, y)
         return self.per_sample(z, y).sum()
 
+    def check_shapes(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """The output has a row per sample, and a loss module's target does not broadcast it to
+        another shape (output [B, 1] with y [B] gives [B, B]: every output against every target)."""
+        if z.dim() < 2:
+            raise ValueError(f"the model's output must be [B, *features] (a row per sample), got shape "
+                             f"{tuple(z.shape)}; keep a feature dimension (e.g. [B, 1])")
+        if self.reduced is None or not y.is_floating_point() or y.shape == z.shape:
+            return
+        try:
+            shape = torch.broadcast_shapes(z.shape, y.shape)
+        except RuntimeError:
+            return  # the loss itself names the mismatch
+        if shape != z.shape:
+            raise ValueError(f"{type(self.reduced).__name__}: y of shape {tuple(y.shape)} broadcasts against the "
+                             f"model's output {tuple(z.shape)} to {tuple(shape)}, so the loss compares outputs "
+                             f"with other samples' targets; give y the output's shape")
+
     @torch.no_grad()
     def check_reproduces(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Refuse clearly when sum of per-sample terms does not reproduce the reduced loss."""
+        self.check_shapes(z, y)
         total = self.total(z, y)
+        if total.dim() == 0 and not torch.isfinite(total):  # (reduction='none' is refused below)
+            raise ValueError(f"the loss ({type(self.reduced or self.unreduced).__name__}) is {total.item()} on the "
+                             f"model's output: nothing to estimate (every target ignore_index? an overflow?)")
         self.check_per_sample(z, y)
         if self.reduced is not None and not self._checked:
             mine = self.per_sample(z, y).sum()

@@ -98,6 +98,26 @@ def test_loss_reductions_match_autograd(make_loss, kind):
     assert loss.dim() == 0
 
 
+# found by hostile testing: a broadcast target gave exactly 2x the gradient (reduction='sum'), an
+# all-ignored batch and a [B] output failed with messages naming something else
+@pytest.mark.parametrize("split", ["auto", "bisect"])
+def test_loss_inputs_that_cannot_be_split_per_sample_are_refused(split):
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    y = torch.randn(4, dtype=torch.float64)
+    for loss_fn in (nn.MSELoss(reduction="sum"), nn.L1Loss()):
+        with pytest.raises(ValueError, match=r"y of shape \(4,\) broadcasts against the model's output \(4, 1\) "
+                                             r"to \(4, 4\)"):
+            hzo_ext.HZO(model, loss_fn, split=split).backward(x, y)
+    hzo_ext.HZO(model, nn.MSELoss(reduction="sum"), split=split).backward(x, y[:, None])  # [B, 1]: fine
+    classifier = nn.Sequential(nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match="the loss \\(CrossEntropyLoss\\) is nan .*every target ignore_index"):
+        hzo_ext.HZO(classifier, CE(ignore_index=-1), split=split).backward(x, torch.full((4,), -1))
+    flat = nn.Sequential(nn.Linear(5, 1), nn.Flatten(0)).double()
+    with pytest.raises(ValueError, match=r"shape \(4,\); .*feature dimension"):
+        hzo_ext.HZO(flat, nn.MSELoss(), split=split).backward(x, y)
+
+
 # ---- exact query counts ------------------------------------------------------------------------
 
 def _exact_queries(widths, policy, i, j):

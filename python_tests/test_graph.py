@@ -119,55 +119,72 @@ class EncoderVariant(nn.Module):
             layer, num_layers=2, norm=nn.LayerNorm(8) if variant == "final_norm" else None,
             enable_nested_tensor=False)
         self.head = nn.Linear(8, 5)
+        # MultiheadAttention's convention: True is masked (here: keys more than one step away)
+        far = torch.arange(4)
+        self.register_buffer("far", (far.view(4, 1) - far.view(1, 4)).abs() > 1)
 
     def forward(self, x):
-        if self.variant == "causal":  # a mask: the encoder is run whole
+        if self.variant == "causal":  # a float mask (-inf above the diagonal) with the causal hint
             return self.head(self.encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(4),
                                           is_causal=True).mean(1))
+        if self.variant == "bool_mask":
+            return self.head(self.encoder(x, mask=self.far).mean(1))
+        if self.variant == "key_padding":  # a mask per sample: the encoder is run whole
+            return self.head(self.encoder(x, src_key_padding_mask=x[..., 0] > 9).mean(1))
         return self.head(self.encoder(x).mean(1))
 
 
 @pytest.mark.parametrize("variant", ["post_norm", "norm_first", "gelu", "module_act", "no_bias", "final_norm",
-                                     "layer", "causal"])
+                                     "layer", "causal", "bool_mask", "key_padding"])
 def test_transformer_encoder_is_cut_inside_its_layers(variant):
-    """An eval TransformerEncoder (or layer) without masks is traced as the ops of its layers:
-    its norms and linears are cuts (the paper's single-layer leaves), the attention's products
-    fold, nothing calls Python; with a mask it stays one op. Against autograd, and both op
-    engines against the reference (float64)."""
+    """An eval TransformerEncoder (or layer), with or without an attention mask, is traced as
+    the ops of its layers: its norms and linears are cuts (the paper's single-layer leaves),
+    the attention's products and mask fold, nothing calls Python; with a key padding mask it
+    stays one op. Against autograd, and both op engines against the reference (float64)."""
     from test_opengine import _engines_equal_the_reference
     torch.manual_seed(0)
     model = EncoderVariant(variant).double().eval()
     x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1])
     est = _check(model, x, y)
     names = " ".join(est.plan(x).stage_names)
-    assert ("norm1: LayerNorm" in names and "linear1: Linear" in names) == (variant != "causal"), names
+    whole = variant == "key_padding"
+    assert ("norm1: LayerNorm" in names and "linear1: Linear" in names) == (not whole), names
+    assert ("masked_scores" in names) == (variant in ("causal", "bool_mask")), names
     if hzo_ext.has_extension():
-        assert est.executor == "cpp" and (est.last_stats.forward_calls == 0) == (variant != "causal")
+        assert est.executor == "cpp" and (est.last_stats.forward_calls == 0) == (not whole)
     _engines_equal_the_reference(model, x, y)
 
 
 class AttentionBlock(nn.Module):
     """A hand-written pre-norm block around nn.MultiheadAttention, the way people write them."""
 
-    def __init__(self, reads_weights=False):
+    def __init__(self, reads_weights=False, mask=None):
         super().__init__()
         self.norm, self.attn = nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True)
         self.head, self.reads_weights = nn.Linear(8, 5), reads_weights
+        self.register_buffer("mask", mask)
 
     def forward(self, x):
         h = self.norm(x)
-        out, w = self.attn(h, h, h)
+        out, w = self.attn(h, h, h, attn_mask=self.mask)
         if self.reads_weights:  # the averaged weights are read: run whole
             out = out + w.sum(-1, keepdim=True)
         return self.head((x + out).mean(1))
 
 
-@pytest.mark.parametrize("reads_weights", [False, True])
-def test_multihead_self_attention_is_traced_as_its_ops_unless_its_weights_are_read(reads_weights):
+@pytest.mark.parametrize("reads_weights, mask", [(False, None), (True, None), (False, "bool"), (False, "float"),
+                                                 (False, "per_head")])
+def test_multihead_self_attention_is_traced_as_its_ops_unless_its_weights_are_read(reads_weights, mask):
+    """Its attn_mask as MultiheadAttention reads it: bool True is masked, a float mask is added,
+    a 3-d mask holds one [L, S] mask per (sample, head) (batch 1 here: one per head)."""
     from test_opengine import _engines_equal_the_reference
     torch.manual_seed(0)
-    model = AttentionBlock(reads_weights).double().eval()
-    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1])
+    far = (torch.arange(4).view(4, 1) - torch.arange(4).view(1, 4)).abs() > 1
+    mask = {None: None, "bool": far, "float": torch.randn(4, 4).masked_fill(far, float("-inf")),
+            "per_head": torch.stack([far, torch.ones(4, 4, dtype=torch.bool).triu(1)])}[mask]
+    model = AttentionBlock(reads_weights, mask).double().eval()
+    B = 1 if mask is not None and mask.dim() == 3 else 3
+    x, y = torch.randn(B, 4, 8, dtype=torch.float64), torch.tensor([0, 3, 1][:B])
     est = _check(model, x, y)
     assert ("attn: MultiheadAttention" in " ".join(est.plan(x).stage_names)) == reads_weights
     if hzo_ext.has_extension():
