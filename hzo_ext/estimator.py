@@ -26,7 +26,7 @@ from torch import nn
 
 from . import _ext, distributed, executor as cpp_executor, graph, numerics, opengine, ops, spp as spp_geometry
 from .nvtx import nvtx_range
-from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic,
+from .stages import (BlackBox, LossHead, as_stages, check_batch, check_eps, check_stages_dynamic, compute_dtype,
                      check_stages_static, run_stage, stage_name)
 
 __all__ = ["HZO", "Plan", "Split", "EstimateStats", "build_plan", "choose_split", "probe_targets",
@@ -327,6 +327,7 @@ class StageEstimator:
         numerics.check_query_dtype(query_dtype)
         self.query_dtype = query_dtype
         self._probe_dtype = query_dtype  # per call: float32 for low-precision models (numerics.probe_dtype)
+        self._dtype = None  # per call: the dtype the model computes in (stages.compute_dtype)
         self.check_samples = check_samples
         self._dynamic_checked: set = set()
         self._no_vmap: set = set()  # black-box stages that cannot run under torch.vmap
@@ -361,13 +362,14 @@ class StageEstimator:
         """Checks of one call, after ``_refresh_stages`` (which decides the engine)."""
         check_batch(x, y, self.stages)
         check_stages_static(self.stages)
-        self._probe_dtype = numerics.probe_dtype(x.dtype, self.query_dtype)
+        self._dtype = compute_dtype(x, self.stages)
+        self._probe_dtype = numerics.probe_dtype(self._dtype, self.query_dtype)
         self.last_stats = EstimateStats()
 
     def _check_steps(self, acts, cuts) -> None:
         """eps against the probe dtype's resolution at the scale of every perturbed a_m (m in cuts)."""
         L, cuts = len(acts) - 1, sorted(set(cuts))
-        dtype = self._probe_dtype or acts[0].dtype
+        dtype = self._probe_dtype or self._dtype
         for m, amax in zip(cuts, numerics.max_abs(acts[m] for m in cuts)):
             what = f"the logits a_{L} (loss head)" if m == L else f"a_{m} (output of {stage_name(self.stages, m)})"
             numerics.check_step_at(self._step(acts[m]), amax, dtype, what, warned=self._step_warnings)
@@ -686,8 +688,8 @@ class HZO(StageEstimator):
         for l in range(1, len(self.stages) + 1):
             a = run_stage(self.stages, l, a)
             shapes.append(tuple(a.shape[1:]))
-        probe_dtype = numerics.probe_dtype(x.dtype, self.query_dtype) or x.dtype
-        return self._build_plan(shapes, x.shape[0], probe_dtype.itemsize)
+        dtype = compute_dtype(x, self.stages)
+        return self._build_plan(shapes, x.shape[0], (numerics.probe_dtype(dtype, self.query_dtype) or dtype).itemsize)
 
     @outside_inference_mode
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -697,15 +699,15 @@ class HZO(StageEstimator):
                 return self._backward_ops(x, y)
             except opengine.Unsupported as exc:  # found in the clean forward, before any p.grad was written
                 self._fall_back(str(exc))
-        if self._cpp is not None and not (isinstance(x, torch.Tensor) and x.dtype in numerics.LOW_PRECISION):
-            self._probe_dtype = None  # the C++ executor probes in the model's dtype
-            return self._cpp.backward(x, y)  # low-precision models: the Python path probes them in float32
+        if self._cpp is not None and isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64):
+            self._dtype, self._probe_dtype = x.dtype, None  # the C++ executor probes in the model's dtype
+            return self._cpp.backward(x, y)  # low-precision models and ids: the Python path
         t0 = time.perf_counter()
         with nvtx_range("hzo/estimate"):
             self._prepare(x, y)
             acts, local = self._clean_forward(x)
             plan = self._build_plan([tuple(a.shape[1:]) for a in acts], x.shape[0],
-                                    (self._probe_dtype or x.dtype).itemsize)
+                                    (self._probe_dtype or self._dtype).itemsize)
             self._check_steps(acts, [s.m for s in plan.splits] + [len(self.stages)])
             loss = self.loss.check_reproduces(acts[-1], y)
             deltas = self._run_plan(plan, acts, y)
@@ -780,7 +782,8 @@ class HZO(StageEstimator):
             raise
         shapes = prog.shapes(env)
         B = x.shape[0]
-        item = (numerics.probe_dtype(x.dtype, self.query_dtype) or x.dtype).itemsize
+        dtype = compute_dtype(x, self.stages)
+        item = (numerics.probe_dtype(dtype, self.query_dtype) or dtype).itemsize
         pos = {prog.traced.x: 0, **{s.node: s.index for s in prog.steps}}
         size = lambda n: math.prod(shapes[pos[n]] or ())  # noqa: E731 (a bool or size: 1)
         stored = B * item * (size(prog.traced.x) + sum(size(s.node) for s in prog.steps if not opengine.view_like(s)))
@@ -868,12 +871,13 @@ class HZO(StageEstimator):
                     del clean
                     model = self.model if isinstance(self.model, nn.Module) else nn.Sequential(*self.model)
                     model_out = None
-                    if x.dtype in numerics.LOW_PRECISION:  # compared in float32, where round-off cannot hide
+                    if self._dtype in numerics.LOW_PRECISION:  # compared in float32, where round-off cannot hide
                         wide = copy.deepcopy(model).float()  # a side effect (attention traced as its ops)
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")  # the model's warnings were given once already
                             wide_prog = opengine.OpProgram(wide)
-                        _same_forward(wide(x.float()), wide_prog.forward(x.float(), keep_vjp=False)[0][wide_prog.traced.out])
+                        xw = x.float() if x.is_floating_point() else x
+                        _same_forward(wide(xw), wide_prog.forward(xw, keep_vjp=False)[0][wide_prog.traced.out])
                         del wide, wide_prog
                     else:
                         model_out = model(x.clone())  # the model's own forward, not a trace of it
@@ -896,7 +900,7 @@ class HZO(StageEstimator):
                          if s.entry.kind != "affine" for a in s.inputs
                          if a is not prog.traced.x and isinstance(env[a], torch.Tensor) and env[a].is_floating_point()]
             perturbed.append(("the logits (loss head)", logits))
-            dtype = self._probe_dtype or x.dtype
+            dtype = self._probe_dtype or self._dtype
             for (what, a), amax in zip(perturbed, numerics.max_abs([a for _, a in perturbed])):
                 numerics.check_step_at(self._step(a), amax, dtype, what, warned=self._step_warnings)
             with nvtx_range("hzo/head"), torch.no_grad():

@@ -612,8 +612,8 @@ class CppOps:
         from .numerics import probe_dtype
         from .spp import SpatialColoring
         why = ops_unsupported(est, program)
-        if why is None and probe_dtype(x.dtype, est.query_dtype) is not None:
-            why = f"a {x.dtype} input is probed in float32 copies (Python)"
+        if why is None and probe_dtype(est._dtype, est.query_dtype) is not None:
+            why = f"a {est._dtype} model is probed in float32 copies (Python)"
         if why is not None:
             return None, why
         with torch.no_grad():  # what each op takes and gives, and the sizes (x.size(0)) for this shape

@@ -58,7 +58,7 @@ def reference_grads(model, loss_fn, x: torch.Tensor, y: torch.Tensor, dtype=torc
     stages = as_stages(ref)
     for s in stages:
         s.to(dtype).zero_grad(set_to_none=True)
-    a = x.to(dtype)
+    a = x.to(dtype) if x.is_floating_point() else x
     for s in stages:
         a = s(a)
     LossHead(copy.deepcopy(loss_fn).to(dtype) if isinstance(loss_fn, torch.nn.Module) else loss_fn).total(a, y).backward()
@@ -79,7 +79,7 @@ def reference_named_grads(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: t
     ref = copy.deepcopy(model).to(dtype)
     ref.zero_grad(set_to_none=True)
     loss = copy.deepcopy(loss_fn).to(dtype) if isinstance(loss_fn, torch.nn.Module) else loss_fn
-    LossHead(loss).total(ref(x.to(dtype)), y).backward()
+    LossHead(loss).total(ref(x.to(dtype) if x.is_floating_point() else x), y).backward()  # ids stay ids
     return named_grads(ref)
 
 

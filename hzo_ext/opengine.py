@@ -252,8 +252,10 @@ class OpProgram:
             try:
                 other, _ = self.forward(stacked, keep_vjp=False)
             except ValueError as exc:
+                ids = "; if x holds ids the model makes integers, pass them as integer ids (the check " \
+                      "stacks far-away values, beyond any embedding)" if x.is_floating_point() else ""
                 raise ValueError(f"the model depends on the batch size: stacking other samples with the batch "
-                                 f"failed ({exc})") from exc
+                                 f"failed ({exc}){ids}") from exc
             for s in self.steps:
                 a, b = rows_of(env[s.node]), other[s.node]
                 if a is None or not isinstance(b, torch.Tensor) or b.shape[0] != stacked.shape[0]:

@@ -123,14 +123,20 @@ def coupling_tolerance(dtype: torch.dtype) -> float:
 def stacked_variants(a: torch.Tensor):
     """(stacked, rows): the batch a stacked with far-away rows b, as the probes stack copies,
     and where a's rows are. b: a copy moved up and one moved down by a shift that differs per
-    coordinate (a uniform shift is invisible to softmax-like ops), and zeros; each after the
-    batch and before it. Any dependence of a row's output on the other rows or on its position
+    coordinate (a uniform shift is invisible to softmax-like ops), and zeros (integer ids: the
+    ids mirrored in the batch's range, its lowest and its highest); each after the batch and
+    before it. Any dependence of a row's output on the other rows or on its position
     (batch statistics, a mean or median over the batch, a weight per row index) shows in a's
     rows, whatever the batch size, one included."""
     n, B = a[0].numel(), a.shape[0]
-    ramp = torch.linspace(1.0, 2.0, n, dtype=a.dtype, device=a.device).reshape(a.shape[1:])
-    shift = 2.0 * (a.abs().max() + 1.0) * ramp
-    for b in (a + shift, a - shift, torch.zeros_like(a)):
+    if a.is_floating_point():
+        ramp = torch.linspace(1.0, 2.0, n, dtype=a.dtype, device=a.device).reshape(a.shape[1:])
+        shift = 2.0 * (a.abs().max() + 1.0) * ramp
+        others = (a + shift, a - shift, torch.zeros_like(a))
+    else:  # integer ids: other ids of the batch's range (beyond it an Embedding has no row)
+        lo, hi = a.min(), a.max()
+        others = (lo + hi - a, torch.full_like(a, lo), torch.full_like(a, hi))
+    for b in others:
         yield torch.cat([a, b]), slice(0, B)
         yield torch.cat([b, a]), slice(B, 2 * B)
 
@@ -297,12 +303,25 @@ class LossHead:
         return total
 
 
+INTEGER_IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def compute_dtype(x: torch.Tensor, stages: Sequence[nn.Module]) -> torch.dtype:
+    """The dtype the model computes in: x's, or for integer ids (an Embedding's input) its first
+    floating parameter's (torch's default without one). x itself is never perturbed."""
+    if x.is_floating_point():
+        return x.dtype
+    p = next((p for stage in stages for p in stage.parameters() if p.is_floating_point()), None)
+    return torch.get_default_dtype() if p is None else p.dtype
+
+
 def check_batch(x, y, stages: Sequence[nn.Module]) -> None:
-    """Shapes and dtypes the estimators accept: x [B, ...] floating, y (unless None) with the same B."""
+    """Shapes and dtypes the estimators accept: x [B, ...] floating or integer ids, y (unless
+    None) with the same B."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, (torch.Tensor, type(None))):
         raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+    if not (x.is_floating_point() or x.dtype in INTEGER_IDS):
+        raise TypeError(f"x must be a floating tensor or integer ids (an Embedding's input), got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"x must be [B, ...] with a feature dimension, got shape {tuple(x.shape)}")
     if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):
@@ -313,10 +332,12 @@ def check_batch(x, y, stages: Sequence[nn.Module]) -> None:
     bad = 0 if y is None or not y.is_floating_point() else y.numel() - int(torch.isfinite(y).sum())
     if bad:
         raise ValueError(f"y has {bad} non-finite values (inf/nan); the loss and its gradient would be nan")
+    dtype = compute_dtype(x, stages)
     for l, stage in enumerate(stages, start=1):
         for name, p in stage.named_parameters():
-            if p.is_floating_point() and p.dtype != x.dtype:
-                raise TypeError(f"x is {x.dtype} but {stage_name(stages, l)} parameter {name!r} is "
+            if p.is_floating_point() and p.dtype != dtype:
+                have = f"x is {x.dtype}" if x.is_floating_point() else f"the model's first parameter is {dtype}"
+                raise TypeError(f"{have} but {stage_name(stages, l)} parameter {name!r} is "
                                 f"{p.dtype}; convert the model or the input")
             if p.device != x.device:
                 raise ValueError(f"x is on {x.device} but {stage_name(stages, l)} parameter {name!r} "

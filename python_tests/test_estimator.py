@@ -301,8 +301,11 @@ def test_bad_shapes_and_dtypes():
         est.backward(x, y[:3])
     with pytest.raises(ValueError, match=r"op 1 \(0: Linear\) failed on an input of shape \(4, 7\)"):
         est.backward(torch.randn(4, 7, dtype=torch.float64), y)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(ValueError, match=r"op 1 \(0: Linear\) failed on an input of shape \(4, 6\) and dtype "
+                                         r"torch.int64"):  # ids are an Embedding's input, not a Linear's
         est.backward(torch.ones(4, 6, dtype=torch.int64), y)
+    with pytest.raises(TypeError, match="floating tensor or integer ids"):
+        est.backward(torch.ones(4, 6, dtype=torch.bool), y)
     with pytest.raises(ValueError, match="reduction='none'"):
         hzo_ext.HZO(model, CE(reduction="none")).backward(x, y)
     with pytest.raises(ValueError, match="chunk_size"):

@@ -837,3 +837,58 @@ def test_in_place_writes_inside_traced_pieces_keep_the_model(make, check_samples
     torch.testing.assert_close(est.backward(x, y), loss(model(x), y), rtol=1e-12, atol=0)
     ref = hzo_ext.reference_named_grads(model, loss, x, y)
     assert min(hzo_ext.per_parameter_cosine(hzo_ext.named_grads(model), ref).values()) >= 0.9999
+
+
+class TokenModel(nn.Module):
+    """Token ids -> Embedding (a padding row) -> causal TransformerEncoder -> a head on the last
+    token tied to the embedding, as a small decoder-only language model is written."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.size(1), device=ids.device)
+        return self.head(self.enc(self.emb(ids), mask=mask, is_causal=True)[:, -1])
+
+
+@pytest.mark.parametrize("split, executor", [("auto", "auto"), ("auto", "python"), ("bisect", "auto")])
+def test_integer_token_ids_are_the_input(split, executor):
+    """x may be integer ids (an Embedding's input; never perturbed): the model computes in its
+    parameters' dtype, and the coupling check stacks other ids of the batch's range (far-away
+    ids have no embedding row). Before, integer x was refused and float ids cast inside the
+    model failed the check with an index error."""
+    torch.manual_seed(0)
+    model = TokenModel().double().eval()
+    ids = torch.randint(1, 11, (3, 5))
+    ids[0, :2] = 0  # padding
+    est = _check(model, ids, torch.tensor([4, 0, 7]), split=split, executor=executor)
+    if split == "auto" and executor == "auto" and hzo_ext.has_extension():
+        assert est.executor == "cpp" and est.last_stats.forward_calls == 0
+    assert est.plan(ids).itemsize == 8  # float64, the model's
+    for baseline in (hzo_ext.Backprop(model, nn.CrossEntropyLoss()), hzo_ext.CGE(model, nn.CrossEntropyLoss()),
+                     hzo_ext.SPSA(model, nn.CrossEntropyLoss())):
+        model.zero_grad(set_to_none=True)
+        baseline.backward(ids, torch.tensor([4, 0, 7]))
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_float_ids_made_integers_inside_the_model_are_pointed_to_integer_ids():
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 3)).double()
+    ids = torch.randint(0, 7, (2, 3))
+
+    class FloatIds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x.long())
+
+    with pytest.raises(ValueError, match="pass them as integer ids"):
+        hzo_ext.HZO(FloatIds(), nn.CrossEntropyLoss()).backward(ids.double(), torch.tensor([0, 2]))
+    _check(model, ids, torch.tensor([0, 2]))  # as integer ids
