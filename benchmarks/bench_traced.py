@@ -72,7 +72,6 @@ def main() -> None:
             r["est"].backward(x, y)
             r["hzo_s"].append(time.perf_counter() - t0)
             r["python_calls"] = r["est"].last_stats.forward_calls
-            hzo = hzo_ext.named_grads(model)
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             loss_fn(model(x), y).backward()

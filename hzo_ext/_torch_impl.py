@@ -55,7 +55,7 @@ def spp_owner(colors: torch.Tensor, probe_start: int, K: int, boxes: torch.Tenso
               channelwise: bool) -> torch.Tensor:
     """The owner map [K, prod(out_shape)] contract_spp implies: output (c', t) of probe k belongs to
     the input (c, p) of color probe_start + k whose box holds t (and c == c' when channelwise)."""
-    C, S = in_shape[0], tuple(in_shape[1:])
+    S = tuple(in_shape[1:])
     Cout, T = out_shape[0], tuple(out_shape[1:])
     P, Qs, r = math.prod(S), math.prod(T), len(S)
     lo_hi = torch.split(boxes, list(S), dim=1)  # per axis [2, S_a]

@@ -51,11 +51,12 @@ def balanced_step(dtype: torch.dtype, scale: float) -> float:
 
 @torch.no_grad()
 def max_abs(tensors) -> list[float]:
-    """max |a| of each tensor (0 when empty): one fused reduction over all of them, one read-back
-    (a deep model has many small activations; this runs on every estimate)."""
+    """max |a| of each tensor (0 when empty): one read-back for all of them (a deep model has
+    many small activations; this runs on every estimate). aminmax, not the inf-norm: a tenth of
+    its time on a CPU."""
     tensors = [t.detach() for t in tensors]
     full = [t for t in tensors if t.numel()]
-    values = iter(torch.stack(torch._foreach_norm(full, float("inf"))).tolist() if full else [])
+    values = iter(torch.stack([torch.stack(torch.aminmax(t)).abs().max() for t in full]).tolist() if full else [])
     return [next(values) if t.numel() else 0.0 for t in tensors]
 
 

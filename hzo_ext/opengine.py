@@ -343,7 +343,9 @@ class OpRun:
         p, est = self.p, self.est
         B = env[p.traced.x].shape[0]
         targets = {p.traced.out: delta_out}
-        finite = []  # (op, input, all finite?) flags, read once at the end: no device sync per op
+        # (op, input, all finite?) flags, read once at the end: no device sync per op; sum(0 * g) is
+        # nan exactly when g holds an inf or a nan, a tenth of the time of isfinite(g).all() on a CPU
+        finite = []
         for s in reversed(p.steps):
             t = targets.pop(s.node, None)
             if t is None:
@@ -367,7 +369,7 @@ class OpRun:
                 else:
                     self._probed_leaf(s, env, local.pop(s.node, None), t)
             for a, i, g in got:  # a's target gains g (element i of a tuple-valued a)
-                finite.append((s, a, torch.isfinite(g).all()))
+                finite.append((s, a, torch.isfinite((g * 0).sum())))
                 if i is None:
                     targets[a] = g if a not in targets else targets[a] + g
                 else:

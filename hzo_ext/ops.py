@@ -16,8 +16,7 @@ from . import _torch_impl
 from ._ext import has_extension
 
 __all__ = ["perturb", "contract", "contract_spp", "probe_elementwise", "probe_linear", "probe_conv2d", "probe_layer_norm",
-           "dense_colors",
-           "dense_owner"]
+           "probe_softmax", "dense_colors", "dense_owner"]
 
 
 def perturb(a: torch.Tensor, colors: torch.Tensor, probe_ids: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,6 +118,22 @@ def probe_layer_norm(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     total, mean = (u * xc).sum(dims, keepdim=True), u.sum(dims, keepdim=True) / n
     r_sum = r_plus + r_minus
     return (u - mean) * r_sum / 2 - 2 * total * xc * (r_plus * r_minus) ** 2 / (n * r_sum)
+
+
+def probe_softmax(x: torch.Tensor, target: torch.Tensor, dim: int, eps) -> torch.Tensor:
+    """Fused probe of a softmax over ``dim``: for every coordinate j of a row,
+    ``sum_i target_i (S(x + eps e_j)_i - S(x - eps e_j)_i) / (2 eps)``, the central difference
+    of the whole softmax, in closed form: moving x_j by d multiplies exp(x_j) by e^d, so
+    ``S(x + d e_j)_i = s_i e^(d [i = j]) / (1 + s_j (e^d - 1))``. With T = sum_i target_i s_i
+    and a+- = expm1(+-eps) the difference is
+    ``s_j (target_j - T) (a+ - a-) / ((1 + s_j a+) (1 + s_j a-)) / (2 eps)``: nothing cancels,
+    a masked (-inf) x_j gives 0, and it is O(n) per row instead of the 2n copies of the row.
+    ``eps`` is a float or a 0-dim tensor (the C++ engine replays this as recorded ATen calls)."""
+    s = torch.softmax(x, dim)
+    total = (target * s).sum(dim, keepdim=True)
+    e = eps if isinstance(eps, torch.Tensor) else torch.tensor(eps, dtype=x.dtype, device=x.device)
+    a_plus, a_minus = torch.expm1(e), torch.expm1(-e)
+    return s * (target - total) * ((a_plus - a_minus) / (2 * e)) / ((1 + s * a_plus) * (1 + s * a_minus))
 
 
 def dense_colors(num_coords: int, device=None) -> torch.Tensor:

@@ -14,8 +14,8 @@ made of it is probed:
 - everything else is ``probed``: the op is run on perturbed copies of each tensor input
   (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense), except the inputs
   it is affine in (``affine_args``: the values of attention, ``a`` in ``a / b``), which
-  fold, and a layer norm's input (``fused``), which takes one fused probe of every
-  coordinate, ``ops.probe_layer_norm``. Opaque nodes (``BlackBox``, ``hzo_ext.opaque``,
+  fold, and the input of a layer norm or a softmax (``fused``), which takes one fused probe
+  of every coordinate in closed form, ``ops.probe_layer_norm`` / ``ops.probe_softmax``. Opaque nodes (``BlackBox``, ``hzo_ext.opaque``,
   untraceable submodules) are always probed.
 
 An entry also holds the op's SPP footprint (``footprint``: the output positions each input
@@ -23,9 +23,9 @@ position can change, ``hzo_ext.footprint``; ``hzo_ext.spp`` composes them over s
 and, for module types, why it breaks per-sample finite differences as it is set now
 (``couples``: BatchNorm or Dropout in training mode, ``batch_first=False``; ``coupling`` is
 what ``stages.check_stages_static`` asks). ``DECOMPOSITIONS`` are ops the traced graph holds
-as the ops they compute: attention without mask (its products fold, its softmax is probed),
-eval ``nn.TransformerEncoder`` / ``TransformerEncoderLayer`` and ``MultiheadAttention``
-self-attention (cuts inside their layers).
+as the ops they compute: attention, masked or causal too (its products and mask fold, its
+softmax takes the fused probe), eval ``nn.TransformerEncoder`` / ``TransformerEncoderLayer``
+and ``MultiheadAttention`` self-attention (cuts inside their layers).
 
 How the C++ executors run an op natively: ``lowering(module)`` gives the description of an
 ``_C.ExecNode`` (csrc/executor/stages.cpp) for the module types they run as ATen calls, and
@@ -507,6 +507,23 @@ def _softmax_call(n, arg, in_sizes, out_shape) -> Footprint:
     return _last_axis(in_sizes, _call_args(n, ("input", "dim"), arg).get("dim"))
 
 
+def _softmax_probe(dim: int):
+    return lambda a, target, eps: ops.probe_softmax(a, target, dim, eps)
+
+
+def _softmax_module_fused(m, arg) -> tuple | None:
+    return None if type(m.dim) is not int else (_softmax_probe(m.dim), [])  # dim=None: torch guesses it
+
+
+def _softmax_call_fused(n, arg) -> tuple | None:
+    names = ("input", "dim", "_stacklevel", "dtype") if n.target is F.softmax else ("input", "dim", "dtype")
+    bound = dict(zip(names, n.args), **n.kwargs)
+    if bound.get("input") is not arg or type(bound.get("dim")) is not int or bound.get("dtype") is not None \
+            or set(bound) - set(names):
+        return None  # the dim guessed, a dtype cast, or other arguments: probed as other ops are
+    return _softmax_probe(bound["dim"]), []
+
+
 def _slicing(n, arg, in_sizes, out_shape) -> Footprint:
     """``x[:, c, s_1, .., s_r]`` with basic slices: a stride-s window of size 1 per axis."""
     index = _call_args(n, ("input", "index"), arg)["index"]
@@ -603,6 +620,7 @@ _know(_MODULES, (nn.modules.dropout._DropoutNd, nn.Dropout, nn.Dropout1d, nn.Dro
       footprint=_dropout, couples=_random_mask)
 _know(_MODULES, (nn.LayerNorm,), footprint=lambda m, a, s, o: _last_axes(s, tuple(m.normalized_shape)))
 _know(_MODULES, (nn.Softmax, nn.LogSoftmax), footprint=lambda m, a, s, o: _last_axis(s, m.dim))
+_know(_MODULES, (nn.Softmax,), fused=_softmax_module_fused)
 _know(_MODULES, (nn.Flatten,), footprint=_flatten_ones)
 _know(_MODULES, (nn.LayerNorm,), fused=_layer_norm_module_fused)
 _know(_MODULES, _SAMPLE_MIXING, couples=_sequence_first)
@@ -617,6 +635,7 @@ for _nd in (1, 2, 3):
 _know(_CALLS, (F.layer_norm,), footprint=_layer_norm_call, fused=_layer_norm_call_fused)
 _know(_CALLS, (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax", "log_softmax"),
       footprint=_softmax_call)
+_know(_CALLS, (F.softmax, torch.softmax, "softmax"), fused=_softmax_call_fused)
 _know(_CALLS, (F.scaled_dot_product_attention,), footprint=_attention)
 _know(_CALLS, [c for c in ELEMENTWISE_CALLS if _CALLS[c].footprint is None], footprint=_identity)  # neg, clone
 

@@ -400,11 +400,11 @@ def test_a_parameter_feeding_two_ops_gets_both_contributions():
 
 def test_the_memory_budget_sets_the_chunks_of_probed_ops():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.Softmax(dim=-1), nn.Linear(32, 3)).double()
+    model = nn.Sequential(nn.Linear(6, 32), nn.LogSoftmax(dim=-1), nn.Linear(32, 3)).double()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     whole = hzo_ext.HZO(model, LOSS)
     plan = whole.plan(x)
-    (norm,) = [s for s in plan.splits if s.how == "dense"]  # Softmax: 32 dense probes
+    (norm,) = [s for s in plan.splits if s.how == "dense"]  # LogSoftmax: 32 dense probes
     assert norm.chunks == 1
     whole.backward(x, y)
     g = [p.grad.clone() for p in model.parameters()]
@@ -899,17 +899,17 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
         h = F.scaled_dot_product_attention(h, h, h)  # one tensor in every role
         h = F.layer_norm(h.transpose(1, 2).reshape(x.size(0), 5, 8), (8,))
-        return self.head((self.sm(self.ln(h)) + torch.softmax(h, -1)).flatten(1))
+        return self.head((self.sm(self.ln(h)) + torch.log_softmax(h, -1)).flatten(1))
 
 
 @pytest.mark.parametrize("mask", ["none", "causal", "bool", "float"])
 def test_attention_and_row_ops_are_probed_spp_and_equal_the_reference(mask):
-    """Layer norms by the fused probe (every feature's +-eps pair in closed form, one probe);
-    SPP through softmax over the last axis (one probe per feature, every token at once).
-    Attention is traced as the ops it computes, softmax(masked(q k^T * scale)) v, with or
-    without a mask (bool or additive, or causal: -inf scores a probe cannot move): the products
-    and the mask fold and the softmax takes one probe per key (5). Both op-level engines equal
-    the reference (float64, 1e-10), and autograd of the model itself."""
+    """Layer norms and softmaxes by their fused probes (every feature's +-eps pair in closed
+    form, one probe); SPP through log-softmax over the last axis (one probe per feature, every
+    token at once). Attention is traced as the ops it computes, softmax(masked(q k^T * scale)) v,
+    with or without a mask (bool or additive, or causal: -inf scores a probe cannot move): the
+    products and the mask fold and the softmax takes its fused probe. Both op-level engines
+    equal the reference (float64, 1e-10), and autograd of the model itself."""
     torch.manual_seed(0)
     model = Attention(mask).double()
     x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.tensor([0, 2, 1])
@@ -917,9 +917,9 @@ def test_attention_and_row_ops_are_probed_spp_and_equal_the_reference(mask):
     how = {plan.stage_names[s.j - 1].split(" (")[1].split(",")[0]: (s.how, s.probes) for s in plan.splits}
     assert not any(k.startswith("scaled_dot_product_attention") for k in how), how  # all decomposed
     assert ("masked_scores" in how) == (mask != "none")
-    assert sorted(v for k, v in how.items() if k.startswith("softmax_")) == [("SPP", 5)] * 2
-    assert how["layer_norm"] == how["ln: LayerNorm"] == ("fused", 1)
-    assert how["softmax"] == how["sm: Softmax"] == ("SPP", 8)
+    assert sorted(v for k, v in how.items() if k.startswith("softmax")) == [("fused", 1)] * 2
+    assert how["layer_norm"] == how["ln: LayerNorm"] == how["sm: Softmax"] == ("fused", 1)
+    assert how["log_softmax"] == ("SPP", 8)
     _engines_equal_the_reference(model, x, y)
     assert _min_cos(model, x, y) >= 0.99999
 
@@ -983,17 +983,20 @@ class SoftmaxOver(nn.Module):
         return self.head(self.fn(self.lin(x)).flatten(1))
 
 
-@pytest.mark.parametrize("fn, shape, colored", [
-    (nn.Softmax(dim=1), (3, 4), False), (lambda h: F.softmax(h, 1), (3, 4), False),
-    (lambda h: h.log_softmax(dim=1), (3, 4), False), (lambda h: F.softmax(h, dim=2), (2, 3, 4), False),
-    (nn.Softmax(dim=2), (3, 4), True), (lambda h: torch.softmax(h, 3), (2, 3, 4), True)])
-def test_softmax_over_another_axis_than_the_last_is_not_colored_as_the_last(fn, shape, colored):
-    """dim=1 on [B, C, L] was colored as the last axis: the gradients before it came out zero."""
+@pytest.mark.parametrize("fn, shape, how", [
+    (nn.Softmax(dim=1), (3, 4), "fused"), (lambda h: F.softmax(h, 1), (3, 4), "fused"),
+    (lambda h: h.log_softmax(dim=1), (3, 4), "dense"), (lambda h: F.softmax(h, dim=2), (2, 3, 4), "fused"),
+    (nn.Softmax(dim=2), (3, 4), "fused"), (lambda h: torch.softmax(h, 3), (2, 3, 4), "fused"),
+    (lambda h: F.log_softmax(h, -1), (3, 4), "SPP"), (lambda h: F.log_softmax(h, 2), (2, 3, 4), "dense")])
+def test_softmax_over_another_axis_than_the_last_is_not_colored_as_the_last(fn, shape, how):
+    """dim=1 on [B, C, L] was colored as the last axis: the gradients before it came out zero.
+    A softmax takes the fused probe over its own axis; a log-softmax is colored over the last."""
     torch.manual_seed(0)
     model = SoftmaxOver(fn, shape).double()
     x, y = torch.randn(3, *shape, dtype=torch.float64), torch.tensor([0, 2, 1])
     plan = hzo_ext.HZO(model, LOSS).plan(x)
-    assert any(s.how == "SPP" for s in plan.splits) == colored, str(plan)
+    assert how in [s.how for s in plan.splits] and ("SPP" in [s.how for s in plan.splits]) == (how == "SPP"), \
+        str(plan)
     _engines_equal_the_reference(model, x, y, global_scale=True)  # lin.bias's true gradient is 0 for dim=1
 
 

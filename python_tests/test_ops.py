@@ -365,3 +365,25 @@ def test_probe_layer_norm_is_the_central_difference_of_the_layer_norm(shape, ndi
         expect[..., j] = (t * (moved[0] - moved[1])).sum(tuple(range(-ndim, 0))) / (2 * eps)
     got = ops.probe_layer_norm(x, t, w, ndim, 1e-5, eps)
     assert ((got.reshape(expect.shape) - expect).abs().max() / expect.abs().max()).item() < 1e-10
+
+
+@pytest.mark.parametrize("shape, dim, masked", [((3, 5, 8), -1, False), ((2, 4, 3, 5), 1, False), ((4, 6), -1, True)])
+def test_probe_softmax_is_the_central_difference_of_the_softmax(shape, dim, masked):
+    """The closed form equals running softmax on x +- eps e_j for every coordinate j of a row
+    and contracting with the target (float64); a masked (-inf) coordinate gets 0."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64)
+    if masked:
+        x[:, ::3] = float("-inf")
+    eps, n = 1e-3, shape[dim]
+    expect = torch.zeros(shape, dtype=torch.float64)
+    for j in range(n):
+        e = torch.zeros(n, dtype=torch.float64)
+        e[j] = eps
+        e = e.reshape([n if d == dim % len(shape) else 1 for d in range(len(shape))])
+        moved = [torch.softmax(x + sign * e, dim) for sign in (1, -1)]
+        expect.select(dim, j).copy_((t * (moved[0] - moved[1])).sum(dim) / (2 * eps))
+    got = ops.probe_softmax(x, t, dim, eps)
+    assert ((got - expect).abs().max() / expect.abs().max()).item() < 1e-10
+    if masked:
+        assert (got[:, ::3] == 0).all()
