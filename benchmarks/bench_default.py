@@ -18,8 +18,9 @@ by the fused kernel) against backprop, and on ResNet-20 against DeepZero's CGE.
 - encoder: nn.TransformerEncoder (width 64, 4 heads, FFN 128, GELU, 2 layers, eval) with a
   linear head on the mean token, 16 tokens, float32, 1 thread, batch 32: traced as the ops of
   its layers.
-- causal: the same encoder with a causal mask (nn.Transformer.generate_square_subsequent_mask,
-  is_causal=True), as a decoder-only language model runs it, the head on the last token.
+- causal: the same encoder after an input projection (nn.Linear(64, 64), as an embedding
+  precedes it in a language model, so the encoder's input needs a target) with a causal mask
+  (nn.Transformer.generate_square_subsequent_mask, is_causal=True), the head on the last token.
 HZO (the default: its C++ version where the extension is loaded), the same engine in Python
 (executor='python') and backprop are timed interleaved (round robin) in one process; medians. Accuracy:
 cosine per parameter tensor of the float32 estimate against float64 autograd. Memory: each
@@ -50,11 +51,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 class EncoderClassifier(nn.Module):
     """nn.TransformerEncoder (width 64, 4 heads, FFN 128, 2 layers, GELU) and a linear head on the
-    mean token, or (causal) on the last token of a causally masked encoder."""
+    mean token, or (causal) an input projection, the encoder causally masked and the head on
+    the last token."""
 
     def __init__(self, causal: bool = False):
         super().__init__()
         self.causal = causal
+        self.proj = nn.Linear(64, 64) if causal else None
         layer = nn.TransformerEncoderLayer(64, nhead=4, dim_feedforward=128, dropout=0.1, activation="gelu",
                                            batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
@@ -63,7 +66,7 @@ class EncoderClassifier(nn.Module):
     def forward(self, x):
         if self.causal:
             mask = nn.Transformer.generate_square_subsequent_mask(x.size(1), device=x.device)
-            return self.head(self.encoder(x, mask=mask, is_causal=True)[:, -1])
+            return self.head(self.encoder(self.proj(x), mask=mask, is_causal=True)[:, -1])
         return self.head(self.encoder(x).mean(1))
 
 
