@@ -107,7 +107,8 @@ class Split:
     chunks: int
     peak_bytes: int
     dense: bool = True  # False: SPP, each probe moves every coordinate of one color
-    how: str = ""  # op-level engine: folded, elementwise, fused (layer norm), SPP, dense (+ folded), no target
+    how: str = ""  # op-level engine: folded, elementwise, fused (layer norm, softmax), SPP, dense (+ folded),
+    # or no target
 
 
 @dataclass(frozen=True)
@@ -815,7 +816,8 @@ class HZO(StageEstimator):
                 probed = [a for a in probed if a not in fused]
                 colorings = [self._op_coloring(s, a, shapes[pos[a]], shapes[s.index]) for a in probed]
                 probes = sum(c.num_colors for c in colorings) + sum(size(a) for a in ins if a in s.folds) + len(fused)
-                how = "no target" if not ins else "folded" if not probed and not fused else "fused" if not probed else \
+                how = "no target" if not ins else "folded" if not (probed or fused) else \
+                    "fused" if not probed else \
                     "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
                 how += " + folded" if 0 < len(probed) + len(fused) < len(ins) else ""
                 K = max([c.num_colors for c in colorings] + [1])

@@ -23,10 +23,10 @@ baselines; the plan says how each op was probed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
 import os
-import dataclasses
 from dataclasses import dataclass
 
 import torch

@@ -15,8 +15,8 @@ made of it is probed:
   (SPP-colored where ``hzo_ext.spp`` knows its footprint, else dense), except the inputs
   it is affine in (``affine_args``: the values of attention, ``a`` in ``a / b``), which
   fold, and the input of a layer norm or a softmax (``fused``), which takes one fused probe
-  of every coordinate in closed form, ``ops.probe_layer_norm`` / ``ops.probe_softmax``. Opaque nodes (``BlackBox``, ``hzo_ext.opaque``,
-  untraceable submodules) are always probed.
+  of every coordinate in closed form, ``ops.probe_layer_norm`` / ``ops.probe_softmax``.
+  Opaque nodes (``BlackBox``, ``hzo_ext.opaque``, untraceable submodules) are always probed.
 
 An entry also holds the op's SPP footprint (``footprint``: the output positions each input
 position can change, ``hzo_ext.footprint``; ``hzo_ext.spp`` composes them over sub-networks)
@@ -130,7 +130,7 @@ class OpEntry:
     couples: object = None
     lower: object = None  # lower(module): how the C++ executors run it natively (``lowering``), or None
     fused: object = None  # fused(site, arg): (probe, tensors) when input arg takes one fused probe,
-                          # probe(a, target, eps, *tensors) -> its target (a layer norm: ops.probe_layer_norm;
+                          # probe(a, target, eps, *tensors) -> its target (ops.probe_layer_norm, probe_softmax;
                           # tensors: the op's own, or fx nodes of them), else None
     masks: bool = False  # its -inf outputs are masked entries (attention scores), not an overflow
 
@@ -240,10 +240,9 @@ def _attention_ops(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, scale=No
 
 def _attention_steps(graph: fx.Graph, n: fx.Node) -> fx.Node | None:
     """``scaled_dot_product_attention(q, k, v)`` without dropout or GQA as the ops it computes
-    (``_attention_ops``): the products and the mask fold, and only the softmax is probed, one
-    probe per key position (its footprint is its row; a masked score stays -inf, so its probe
-    changes nothing). Probed whole, a key moves every output row of its head: L*E probes,
-    each running the whole attention."""
+    (``_attention_ops``): the products and the mask fold, and only the softmax is probed, by
+    its fused probe (a masked score stays -inf, so its difference is 0). Probed whole, a key
+    moves every output row of its head: L*E probes, each running the whole attention."""
     bound = _call_args(n, _SDPA_ARGS)
     mask, causal = bound.get("attn_mask"), bound.get("is_causal", False)
     if set(bound) - set(_SDPA_ARGS) or bound.get("dropout_p", 0.0) != 0 or causal not in (False, True) \
