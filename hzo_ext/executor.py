@@ -682,7 +682,9 @@ class CppOps:
                     if all(not isinstance(c, fx.Node) or (c.op == "get_attr" and _registered(program.model, c.target))
                            for c in tensors):
                         fused = fused_program(probe, v, [env[c] if isinstance(c, fx.Node) else c for c in tensors])
-                        fused_input = -1 if fused is None else k
+                    if fused is None:  # the plan sized this op for its fused probe: Python runs that
+                        return None, f"op {s.index} ({s.label}): its fused probe cannot be recorded"
+                    fused_input = k
                 if mode != "probed" or not w or f or k == fused_input:
                     probes.append((torch.zeros(0, dtype=torch.long, device=x.device), 0, 0, None))
                     continue
