@@ -370,6 +370,11 @@ class StageEstimator:
     def _check_steps(self, acts, cuts) -> None:
         """eps against the probe dtype's resolution at the scale of every perturbed a_m (m in cuts)."""
         L, cuts = len(acts) - 1, sorted(set(cuts))
+        for m in cuts:
+            if not acts[m].is_floating_point():
+                raise ValueError(f"a_{m} (output of {stage_name(self.stages, m)}) is {acts[m].dtype}: this engine "
+                                 f"perturbs the value at every cut; the default split='auto' perturbs only floating "
+                                 f"values")
         dtype = self._probe_dtype or self._dtype
         for m, amax in zip(cuts, numerics.max_abs(acts[m] for m in cuts)):
             what = f"the logits a_{L} (loss head)" if m == L else f"a_{m} (output of {stage_name(self.stages, m)})"
@@ -879,10 +884,15 @@ class HZO(StageEstimator):
                             warnings.simplefilter("ignore")  # the model's warnings were given once already
                             wide_prog = opengine.OpProgram(wide)
                         xw = x.float() if x.is_floating_point() else x
-                        _same_forward(wide(xw), wide_prog.forward(xw, keep_vjp=False)[0][wide_prog.traced.out])
+                        with torch.enable_grad():  # as below
+                            wide_out = wide(xw).detach()
+                        _same_forward(wide_out, wide_prog.forward(xw, keep_vjp=False)[0][wide_prog.traced.out])
                         del wide, wide_prog
                     else:
-                        model_out = model(x.clone())  # the model's own forward, not a trace of it
+                        # the model's own forward, not a trace of it, in grad mode: the function
+                        # autograd differentiates (eval encoders take another path under no_grad)
+                        with torch.enable_grad():
+                            model_out = model(x.clone()).detach()
             if plan_key not in self._op_cores:  # lowered once per input shape (None: the Python engine runs it)
                 self._op_cores[plan_key] = cpp_executor.CppOps.build(self, prog, x, chunks) \
                     if self._executor_args[0] != "python" else (None, "executor='python'")

@@ -30,7 +30,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from . import _ext
-from .registry import SUMS, binary_kind, is_stock as _stock, lowering, module_for_call
+from .registry import CHECKS, SUMS, binary_kind, is_stock as _stock, lookup, lowering, module_for_call
 from .stages import BlackBox, ResidualBlock, check_batch, check_stages_dynamic, check_stages_static, run_stage
 
 __all__ = ["unsupported_option", "select", "CppExecutor", "lower"]
@@ -466,6 +466,13 @@ def _record(program, s, inputs: list, held: list, env: dict, values: list, item)
     return make_fx(op)(*values)
 
 
+def _unchecked(n: fx.Node) -> fx.Node:
+    """The node a chain of ``registry.CHECKS`` returns (the checked value itself)."""
+    while n.op == "call_function" and lookup(CHECKS, n.target) and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
 def _of_literals(n: fx.Node) -> bool:
     """A value of the forward's literals alone (a mask of fixed size made in forward): a tensor
     torch.fx kept when tracing (``_tensor_constant<k>``), or one made from those and numbers
@@ -514,7 +521,8 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
         tensors = [operator.attrgetter(name)(mod) for name in held]
     else:
         held = [a for a in n.all_input_nodes if a not in inputs and isinstance(env[a], torch.Tensor)]
-        if not all((a.op == "get_attr" and _registered(program.model, a.target)) or _of_literals(a) for a in held):
+        checked = [_unchecked(a) for a in held]  # a check's result is its argument itself
+        if not all((a.op == "get_attr" and _registered(program.model, a.target)) or _of_literals(a) for a in checked):
             return None  # a plain tensor attribute may be replaced without the model watch seeing it
         tensors = [env[a] for a in held]
     # as C++ runs it in the clean forward: inputs of a folded op (but for an in-place op, which
@@ -531,7 +539,7 @@ def aten_program(program, s, inputs: list, env: dict, batch: int, on_copies: boo
                 return None
     except Exception:  # noqa: BLE001 (what make_fx cannot record stays a Python call)
         return None
-    program = _program_calls(gm, len(clean))
+    program = _program_calls(gm, len(clean), len(inputs))
     return None if program is None else (tensors, *program)
 
 
@@ -544,17 +552,19 @@ def fused_program(probe, v: torch.Tensor, tensors: list):
     values = [v.detach(), torch.zeros_like(v), torch.tensor(1e-3, dtype=v.dtype, device=v.device)] + \
         [t.detach() for t in tensors]
     try:
-        program = _program_calls(make_fx(probe)(*values), len(values))
+        program = _program_calls(make_fx(probe)(*values), len(values), 3)
     except Exception:  # noqa: BLE001 (not recorded: probed as other ops are)
         return None
     return None if program is None else (list(tensors), *program)
 
 
-def _program_calls(gm, num_values: int):
+def _program_calls(gm, num_values: int, num_inputs: int):
     """The ATen calls of a make_fx recording whose first ``num_values`` placeholders are the
-    program's values: ``(calls, output, mutates)``, or None where a call gives a non-tensor or
-    reads a constant tensor made inside."""
+    program's values (``num_inputs`` inputs, then the op's own tensors): ``(calls, output,
+    mutates)``, or None where a call gives a non-tensor, reads a constant tensor made inside or
+    writes one of the op's own tensors (Embedding's max_norm renormalises its weight)."""
     ref, calls, values, mutates, output = {}, [], num_values, False, None
+    own = set()  # the op's own tensors and views of them
 
     def arg_of(v):
         if isinstance(v, fx.Node):
@@ -567,6 +577,8 @@ def _program_calls(gm, num_values: int):
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             ref[node] = len(ref)
+            if ref[node] >= num_inputs:
+                own.add(node)
         elif node.op == "get_attr":
             continue  # a constant made inside the op (torch.tensor(2.0)): passed as a constant
         elif node.op == "call_function" and node.target is operator.getitem:
@@ -578,6 +590,12 @@ def _program_calls(gm, num_values: int):
                     return None
             pushed = len(val) if isinstance(val, list) else len(schema.returns)
             mutates |= schema.is_mutable
+            for i, arg in enumerate(schema.arguments):
+                v = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if arg.alias_info is not None and arg.alias_info.is_write and v in own:
+                    return None
+            if schema.returns and schema.returns[0].alias_info is not None and node.args and node.args[0] in own:
+                own.add(node)  # a view of one of them
             try:
                 args = [("default", None) if v is _DEFAULT else arg_of(v) for v in (
                     node.args[i] if i < len(node.args) else node.kwargs.get(arg.name, _DEFAULT)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
+import sys
 import types
 import warnings
 
@@ -187,6 +188,16 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, list[str], set]:
             names.append(f"{name} ({type(bad).__name__})")
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (1: the function calling warnings.warn, which calls this) of the first
+    frame outside hzo_ext, so that a warning points at the user's line (HZO(...),
+    est.backward(...)) whatever the depth inside."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("hzo_ext"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_stop_gradients(graph: fx.Graph, without_grad: set) -> None:
     """``.detach()``, ``.data`` and ``torch.no_grad()`` inside forward are autograd instructions;
     a zeroth-order estimate follows the values, so gradients flow through them (and parameters
@@ -202,8 +213,9 @@ def _warn_stop_gradients(graph: fx.Graph, without_grad: set) -> None:
     if stops:
         shown = ", ".join(stops[:6]) + (f" and {len(stops) - 6} more" if len(stops) > 6 else "")
         warnings.warn(f"{shown}: .detach(), .data and torch.no_grad() inside forward are autograd instructions; a "
-                      f"zeroth-order estimate follows the values, so gradients flow through them here (and "
-                      f"parameters used only there get one)", stacklevel=5)
+                      f"zeroth-order estimate follows the values, so gradients flow through them (split='auto'; "
+                      f"inside one stage of split='bisect'/'chain' the stage's autograd leaf honours them, and a "
+                      f"detached parameter gets none)", stacklevel=_user_stacklevel())
 
 
 # ---- cutting --------------------------------------------------------------------------------
@@ -257,7 +269,7 @@ def trace(model: nn.Module) -> Traced:
     graph, untraced, without_grad = _trace(model)
     if untraced:
         warnings.warn(f"torch.fx cannot trace {', '.join(untraced)}: run as opaque nodes (whole, never split)",
-                      stacklevel=4)
+                      stacklevel=_user_stacklevel())
     _warn_stop_gradients(graph, without_grad)
     nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]

@@ -243,7 +243,8 @@ class OpProgram:
             a, b = rows_of(env[s.node]), again[s.node]
             if a is not None and not (torch.isfinite(a) | (a == -math.inf if s.entry.masks else False)).all():
                 raise ValueError(f"op {s.index} ({s.label}) gives non-finite values (inf/nan) in the clean forward "
-                                 f"of the input (overflow: check the model and the input's scale)")
+                                 f"of the input (an overflow, or a softmax over a row masked whole: check the "
+                                 f"model, its masks and the input's scale)")
             if a is not None and not (torch.equal(a, b) or torch.allclose(a, b, rtol=1e-6, atol=0)):
                 raise ValueError(f"op {s.index} ({s.label}) is not deterministic: two evaluations of the same input "
                                  f"differ, so finite differences through it are noise (fix its seed, call .eval(), "
@@ -253,7 +254,8 @@ class OpProgram:
                 other, _ = self.forward(stacked, keep_vjp=False)
             except ValueError as exc:
                 ids = "; if x holds ids the model makes integers, pass them as integer ids (the check " \
-                      "stacks far-away values, beyond any embedding)" if x.is_floating_point() else ""
+                      "stacks far-away values, beyond any embedding)" \
+                    if x.is_floating_point() and "index" in str(exc) else ""
                 raise ValueError(f"the model depends on the batch size: stacking other samples with the batch "
                                  f"failed ({exc}){ids}") from exc
             for s in self.steps:
@@ -494,7 +496,7 @@ class OpRun:
         for k in range(a.numel()):
             ys = []
             for sign in (1, -1):
-                moved = a.clone()
+                moved = a.clone(memory_format=torch.contiguous_format)  # a transposed a keeps its strides else
                 moved.view(-1)[k] += sign * eps
                 args, kwargs = self._query_args(s, env, {a_node: moved})
                 ys.append(torch.cat([o.reshape(-1) for o in _tensors(self.p._call(s.node, args, kwargs,

@@ -36,6 +36,7 @@ with one colored probe, its footprint is the identity, and every engine reads it
 """
 from __future__ import annotations
 
+import math
 import operator
 import types
 from dataclasses import dataclass, replace
@@ -49,7 +50,7 @@ from .footprint import Footprint, NoFootprint, mixing, within_last_axes
 
 __all__ = ["OpEntry", "ELEMENTWISE_CALLS", "SUMS", "ARITHMETIC", "BINARY", "ACT_CODES", "entry_for", "is_view",
            "register_elementwise", "module_for_call", "lowering", "is_stock", "binary_kind", "lookup",
-           "DECOMPOSITIONS", "decompose",
+           "DECOMPOSITIONS", "decompose", "CHECKS", "masked_scores", "causal_as_hinted",
            "module_entry", "coupling", "registered"]
 
 # Kernel codes of csrc/core/elementwise.h (enum Act).
@@ -74,6 +75,8 @@ def module_for_call(target, args: tuple, kwargs: dict) -> nn.Module | None:
     (the C++ executor then runs it as that module), or None. Elementwise calls with no other
     argument (GELU: its approximate; in-place flags are ignored: the values are the same),
     ``flatten`` with constant dims, ``adaptive_avg_pool1d/2d`` with a constant size."""
+    if lookup(CHECKS, target) and len(args) == 1 and not kwargs:
+        return nn.Identity()
     if target in (torch.flatten, "flatten"):
         dims = dict(zip(("start_dim", "end_dim"), args[1:]), **kwargs)
         if set(dims) - {"start_dim", "end_dim"} or not all(isinstance(v, int) for v in dims.values()):
@@ -200,6 +203,21 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 _LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 
 
+def causal_as_hinted(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (an ``nn.MultiheadAttention`` attn_mask [.., L, S]) when it is the causal mask:
+    ``is_causal=True`` beside it is torch's hint that it is, and torch then runs its causal
+    kernel or the mask depending on the path (grad mode, need_weights, its fast path), so any
+    other mask leaves the model without one function to differentiate (a ValueError)."""
+    keep = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+    causal = keep.logical_not() if mask.dtype == torch.bool else \
+        torch.zeros(keep.shape, dtype=mask.dtype, device=mask.device).masked_fill(keep.logical_not(), -math.inf)
+    if not bool((mask == causal).all()):
+        raise ValueError("is_causal=True with an attention mask that is not causal: torch then runs the causal "
+                         "kernel or the mask depending on grad mode and its fast path, so the model has no one "
+                         "function to differentiate; pass is_causal=False, or the causal mask")
+    return mask
+
+
 def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                   as_mha: bool = False) -> torch.Tensor:
     """Attention scores [..., L, S] masked as ``scaled_dot_product_attention`` masks them: a
@@ -217,10 +235,17 @@ def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None = None, causal
 
 
 _CALLS[masked_scores] = OpEntry("affine", affine_args=(0,), masks=True)  # the mask: a constant or a flag
+_CALLS[causal_as_hinted] = _AFFINE  # the identity on a mask
+# Checks that return their argument itself: the C++ engine runs them as the identity (the Python
+# forward of each input shape, which precedes it, checked the value), and a recorded op reading
+# one reads the checked tensor.
+CHECKS = {causal_as_hinted}
+for _c in (torch.masked_fill, "masked_fill", "masked_fill_"):  # x.masked_fill(mask, -inf) as users mask scores
+    _CALLS[_c] = OpEntry("affine", affine_args=(0,), masks=True)
 
 
 def _attention_ops(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, scale=None, mask: fx.Node | None = None,
-                   causal: bool = False, as_mha: bool = False) -> fx.Node:
+                   causal: bool = False, as_mha: bool = False, causal_hint: bool = False) -> fx.Node:
     """``softmax(masked_scores(q @ k^T * scale)) @ v`` (``masked_scores`` for the mask)."""
     # q and k each scaled by sqrt(scale) before their product, as torch's math path does
     # (float16 products of unscaled rows overflow where the fused kernel does not); a scale
@@ -233,6 +258,8 @@ def _attention_ops(graph: fx.Graph, q: fx.Node, k: fx.Node, v: fx.Node, scale=No
     q = graph.call_function(operator.mul, (q, scale if root is None else root))
     kt = kt if root is None else graph.call_function(operator.mul, (kt, root))
     scores = graph.call_function(torch.matmul, (q, kt))
+    if mask is not None and causal_hint:
+        mask = graph.call_function(causal_as_hinted, (mask,))
     if mask is not None or causal:
         scores = graph.call_function(masked_scores, (scores, mask, causal, as_mha))
     return graph.call_function(torch.matmul, (graph.call_function(torch.softmax, (scores, -1)), v))
@@ -276,7 +303,7 @@ def _plain_encoder_layer(layer) -> bool:
 
 
 def _self_attention_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, mha: nn.MultiheadAttention,
-                        mask: fx.Node | None) -> fx.Node:
+                        mask: fx.Node | None, causal_hint: bool) -> fx.Node:
     """``mha(x, x, x, attn_mask=mask)[0]`` (``_plain_self_attention``) as ops: the projections are
     linear ops on its parameters, the heads views, then ``_attention_ops``."""
     qkv = graph.call_function(F.linear, (x, attr(f"{prefix}.in_proj_weight"), attr(f"{prefix}.in_proj_bias")))
@@ -284,12 +311,13 @@ def _self_attention_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, mha: nn.
     heads = [graph.call_method("transpose", (graph.call_method("unflatten", (
         graph.call_function(operator.getitem, (chunks, i)), -1, (mha.num_heads, mha.head_dim))), 1, 2))
         for i in range(3)]
-    out = _attention_ops(graph, *heads, mask=mask, as_mha=True)
+    out = _attention_ops(graph, *heads, mask=mask, as_mha=True, causal_hint=causal_hint)
     out = graph.call_method("flatten", (graph.call_method("transpose", (out, 1, 2)), -2))
     return graph.call_function(F.linear, (out, attr(f"{prefix}.out_proj.weight"), attr(f"{prefix}.out_proj.bias")))
 
 
-def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer, mask: fx.Node | None) -> fx.Node:
+def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer, mask: fx.Node | None,
+                       causal_hint: bool) -> fx.Node:
     """A ``_plain_encoder_layer`` as the ops of its forward (post- or pre-norm): its
     self-attention (``_self_attention_ops``); its norms, linears and activation stay modules or
     calls of the traced graph, so cuts fall between them."""
@@ -303,7 +331,7 @@ def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer, ma
         return module("linear2", h)
 
     def attention(v):
-        return _self_attention_ops(graph, attr, v, f"{prefix}.self_attn", layer.self_attn, mask)
+        return _self_attention_ops(graph, attr, v, f"{prefix}.self_attn", layer.self_attn, mask, causal_hint)
 
     if layer.norm_first:
         x = graph.call_function(operator.add, (x, attention(module("norm1", x))))
@@ -312,37 +340,37 @@ def _encoder_layer_ops(graph: fx.Graph, attr, x: fx.Node, prefix: str, layer, ma
     return module("norm2", graph.call_function(operator.add, (x, feed_forward(x))))
 
 
-def _attention_mask(bound: dict, mask_name: str, padding_name: str) -> tuple[bool, fx.Node | None]:
-    """(decomposable, attn_mask) of a self-attention module's call: an attention mask (a node)
-    or none, no key padding mask. ``is_causal`` is a hint that the mask is causal, so the mask
-    is used (torch's causal kernel gives the same values); without a mask torch refuses it."""
-    mask = bound.get(mask_name)
-    ok = bound.get(padding_name) is None and isinstance(mask, (fx.Node, type(None))) and \
-        (mask is not None or not bound.get("is_causal"))
-    return ok, mask
+def _attention_mask(bound: dict, mask_name: str, padding_name: str) -> tuple[bool, fx.Node | None, bool]:
+    """(decomposable, attn_mask, causal hint) of a self-attention module's call: an attention
+    mask (a node) or none, no key padding mask. ``is_causal=True`` is a hint that the mask is
+    causal: the mask is used, checked to be causal (``masked_scores``); without a mask torch
+    refuses the hint."""
+    mask, hint = bound.get(mask_name), bound.get("is_causal") is True
+    ok = bound.get(padding_name) is None and isinstance(mask, (fx.Node, type(None))) and (mask is not None or not hint)
+    return ok, mask, hint
 
 
 def _encoder_layer_steps(graph: fx.Graph, n: fx.Node, layer, attr) -> fx.Node | None:
     bound = dict(zip(("src", "src_mask", "src_key_padding_mask", "is_causal"), n.args), **n.kwargs)
-    ok, mask = _attention_mask(bound, "src_mask", "src_key_padding_mask")
+    ok, mask, hint = _attention_mask(bound, "src_mask", "src_key_padding_mask")
     if not (ok and _plain_encoder_layer(layer)):
         return None  # a key padding mask, or a layer set otherwise: run whole
     with graph.inserting_before(n):
-        return _encoder_layer_ops(graph, attr, bound["src"], n.target, layer, mask)
+        return _encoder_layer_ops(graph, attr, bound["src"], n.target, layer, mask, hint)
 
 
 def _encoder_steps(graph: fx.Graph, n: fx.Node, encoder, attr) -> fx.Node | None:
     """An eval ``nn.TransformerEncoder`` without key padding mask: its layers
     (``_encoder_layer_ops``), then its norm."""
     bound = dict(zip(("src", "mask", "src_key_padding_mask", "is_causal"), n.args), **n.kwargs)
-    ok, mask = _attention_mask(bound, "mask", "src_key_padding_mask")
+    ok, mask, hint = _attention_mask(bound, "mask", "src_key_padding_mask")
     if not (ok and type(encoder) is nn.TransformerEncoder and _as_built(encoder)
             and all(map(_plain_encoder_layer, encoder.layers))):
         return None
     with graph.inserting_before(n):
         x = bound["src"]
         for i, layer in enumerate(encoder.layers):
-            x = _encoder_layer_ops(graph, attr, x, f"{n.target}.layers.{i}", layer, mask)
+            x = _encoder_layer_ops(graph, attr, x, f"{n.target}.layers.{i}", layer, mask, hint)
         return x if encoder.norm is None else graph.call_module(f"{n.target}.norm", (x,))
 
 
@@ -352,13 +380,13 @@ def _self_attention_steps(graph: fx.Graph, n: fx.Node, mha, attr) -> fx.Node | N
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
     bound = dict(zip(names, n.args), **n.kwargs)
-    ok, mask = _attention_mask(bound, "attn_mask", "key_padding_mask")
+    ok, mask, hint = _attention_mask(bound, "attn_mask", "key_padding_mask")
     items = [(u, u.args[1]) for u in n.users if u.op == "call_function" and u.target is operator.getitem]
     if not (ok and _plain_self_attention(mha) and bound.get("query") is bound.get("key") is bound.get("value")
             and len(items) == len(n.users) and all(i == 0 or (i == 1 and not u.users) for u, i in items)):
         return None
     with graph.inserting_before(n):
-        out = _self_attention_ops(graph, attr, bound["query"], n.target, mha, mask)
+        out = _self_attention_ops(graph, attr, bound["query"], n.target, mha, mask, hint)
     for u, i in items:
         u.replace_all_uses_with(out)
         graph.erase_node(u)

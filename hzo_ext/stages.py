@@ -271,8 +271,8 @@ class LossHead:
         if z.dim() < 2:
             raise ValueError(f"the model's output must be [B, *features] (a row per sample), got shape "
                              f"{tuple(z.shape)}; keep a feature dimension (e.g. [B, 1])")
-        if self.reduced is None or not y.is_floating_point() or y.shape == z.shape:
-            return
+        if self.reduced is None or not y.is_floating_point() or y.shape == z.shape or y.dim() == z.dim():
+            return  # the same dims: y [B, 1] against [B, C] broadcasts within each sample
         try:
             shape = torch.broadcast_shapes(z.shape, y.shape)
         except RuntimeError:

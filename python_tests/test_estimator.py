@@ -110,6 +110,8 @@ def test_loss_inputs_that_cannot_be_split_per_sample_are_refused(split):
                                              r"to \(4, 4\)"):
             hzo_ext.HZO(model, loss_fn, split=split).backward(x, y)
     hzo_ext.HZO(model, nn.MSELoss(reduction="sum"), split=split).backward(x, y[:, None])  # [B, 1]: fine
+    with pytest.warns(UserWarning, match="target size"):  # torch's own warning; within each sample: fine
+        hzo_ext.HZO(model, nn.MSELoss(), split=split).backward(x, torch.randn(4, 3, dtype=torch.float64))
     classifier = nn.Sequential(nn.Linear(5, 3)).double()
     with pytest.raises(ValueError, match="the loss \\(CrossEntropyLoss\\) is nan .*every target ignore_index"):
         hzo_ext.HZO(classifier, CE(ignore_index=-1), split=split).backward(x, torch.full((4,), -1))

@@ -892,3 +892,121 @@ def test_float_ids_made_integers_inside_the_model_are_pointed_to_integer_ids():
     with pytest.raises(ValueError, match="pass them as integer ids"):
         hzo_ext.HZO(FloatIds(), nn.CrossEntropyLoss()).backward(ids.double(), torch.tensor([0, 2]))
     _check(model, ids, torch.tensor([0, 2]))  # as integer ids
+
+
+# ---- found by hostile testing of masks, fused softmax, ids and stop-gradients (/tmp/hostile7) ----
+
+class ScoresMaskedByHand(nn.Module):
+    """nanoGPT's attention: scores.masked_fill(causal == 0, -inf).softmax(-1) @ v (the -inf was
+    refused as an overflow; masked_fill was probed densely)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(6, 24), nn.Linear(8, 3)
+        self.register_buffer("causal", torch.ones(5, 5).tril())
+
+    def forward(self, x):  # [B, 5, 6]
+        q, k, v = self.qkv(x).split(8, dim=-1)
+        scores = (q @ k.transpose(-2, -1)) * 8 ** -0.5
+        att = scores.masked_fill(self.causal == 0, float("-inf")).softmax(dim=-1)
+        return self.head((att @ v)[:, -1])
+
+
+def test_scores_masked_by_hand_with_minus_inf():
+    from test_opengine import _engines_equal_the_reference
+    torch.manual_seed(0)
+    model = ScoresMaskedByHand().double()
+    x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.tensor([0, 2, 1])
+    est = _check(model, x, y)
+    assert "dense" not in [s.how for s in est.plan(x).splits]
+    if hzo_ext.has_extension():
+        assert est.executor == "cpp" and est.last_stats.forward_calls == 0
+    _engines_equal_the_reference(model, x, y)
+
+
+@pytest.mark.parametrize("module", ["encoder", "layer", "mha"])
+def test_the_causal_hint_beside_a_mask_that_is_not_causal_is_refused(module):
+    """torch runs the causal kernel with grad enabled and the mask under no_grad (its fast path):
+    the estimate followed the mask while the model's own forward (in grad mode) is causal
+    (cosines down to -0.28, the loss off by 2e-2)."""
+    torch.manual_seed(0)
+    far = (torch.arange(4).view(4, 1) - torch.arange(4).view(1, 4)).abs() > 1  # True: masked, not causal
+
+    class Hinted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.att = {"encoder": nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), "layer": layer,
+                        "mha": nn.MultiheadAttention(8, 2, batch_first=True)}[module]
+            self.head = nn.Linear(8, 3)
+            self.register_buffer("mask", far)
+
+        def forward(self, x):
+            if module == "mha":
+                h = self.att(x, x, x, attn_mask=self.mask, is_causal=True, need_weights=False)[0]
+            elif module == "layer":
+                h = self.att(x, src_mask=self.mask, is_causal=True)
+            else:
+                h = self.att(x, mask=self.mask, is_causal=True)
+            return self.head(h.mean(1))
+
+    model = Hinted().double().eval()
+    x, y = torch.randn(3, 4, 8, dtype=torch.float64), torch.tensor([0, 2, 1])
+    with pytest.raises(ValueError, match="is_causal=True with an attention mask that is not causal"):
+        hzo_ext.HZO(model, nn.CrossEntropyLoss()).backward(x, y)
+
+
+def test_an_embedding_with_max_norm_in_the_cpp_engine():
+    """Embedding(max_norm) renormalises its weight in place in forward: the C++ engine replayed
+    that on the autograd leaf (a RuntimeError); it now calls the module instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 3)).double()
+    ids = torch.randint(0, 7, (3, 3))
+    model(ids)  # renormalised once, so autograd and the estimate see the same weights
+    _check(model, ids, torch.tensor([0, 2, 1]))
+
+
+def test_a_softmax_on_a_transposed_activation():
+    """h.T.softmax(0).T (features != batch) crashed the Python engine's probe of a tensor
+    without the batch first (a view of a transposed copy)."""
+    from test_opengine import _engines_equal_the_reference
+    torch.manual_seed(0)
+
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.lin(x).T.softmax(0).T)
+
+    model = Transposed().double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 2, 1])
+    _engines_equal_the_reference(model, x, y)
+
+
+def test_an_integer_cut_of_the_stage_wise_engines_is_named():
+    model = nn.Sequential(hzo_ext.opaque(nn.Identity()), nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 3)).double()
+    ids = torch.randint(0, 7, (3, 3))
+    with pytest.raises(ValueError, match=r"a_1 \(output of stage 1 .*\) is torch.int64: this engine perturbs"):
+        hzo_ext.HZO(model, nn.CrossEntropyLoss(), split="bisect").backward(ids, torch.tensor([0, 2, 1]))
+    _check(model, ids, torch.tensor([0, 2, 1]))  # the default engine perturbs floating values only
+
+
+def test_the_stop_gradient_warning_points_at_the_users_line():
+    import warnings
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    class Stopped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(x).detach() + self.m(x)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hzo_ext.HZO(Stopped(), nn.CrossEntropyLoss())
+    stops = [w for w in seen if "autograd instructions" in str(w.message)]
+    assert stops and all(w.filename == __file__ for w in stops), [(w.filename, w.lineno) for w in stops]
