@@ -200,8 +200,9 @@ def _user_stacklevel() -> int:
 
 def _warn_stop_gradients(graph: fx.Graph, without_grad: set) -> None:
     """``.detach()``, ``.data`` and ``torch.no_grad()`` inside forward are autograd instructions;
-    a zeroth-order estimate follows the values, so gradients flow through them (and parameters
-    used only there get one): one warning naming them. ``x.data`` becomes ``x.detach()``."""
+    a zeroth-order estimate follows the values, so gradients flow through them in the op-level
+    engine (a stage-wise engine's autograd leaf honours them inside its stage; a detached
+    parameter gets none): one warning naming them. ``x.data`` becomes ``x.detach()``."""
     for n in list(graph.nodes):
         if n.op == "call_function" and n.target is getattr and n.args[1:] == ("data",):
             with graph.inserting_before(n):

@@ -74,7 +74,8 @@ def module_for_call(target, args: tuple, kwargs: dict) -> nn.Module | None:
     """The module whose forward computes the call ``target(x, *args[1:], **kwargs)`` on x = args[0]
     (the C++ executor then runs it as that module), or None. Elementwise calls with no other
     argument (GELU: its approximate; in-place flags are ignored: the values are the same),
-    ``flatten`` with constant dims, ``adaptive_avg_pool1d/2d`` with a constant size."""
+    ``flatten`` with constant dims, ``adaptive_avg_pool1d/2d`` with a constant size, and a
+    check of ``CHECKS`` as the identity."""
     if lookup(CHECKS, target) and len(args) == 1 and not kwargs:
         return nn.Identity()
     if target in (torch.flatten, "flatten"):
