@@ -109,6 +109,7 @@ class Split:
     dense: bool = True  # False: SPP, each probe moves every coordinate of one color
     how: str = ""  # op-level engine: folded, elementwise, fused (layer norm, softmax), SPP, dense (+ folded),
     # or no target
+    folded: int = 0  # of ``probes``, those that fold (the op's VJP): counted as a dense probe would be
 
 
 @dataclass(frozen=True)
@@ -791,12 +792,21 @@ class HZO(StageEstimator):
         dtype = compute_dtype(x, self.stages)
         item = (numerics.probe_dtype(dtype, self.query_dtype) or dtype).itemsize
         pos = {prog.traced.x: 0, **{s.node: s.index for s in prog.steps}}
-        size = lambda n: math.prod(shapes[pos[n]] or ())  # noqa: E731 (a bool or size: 1)
+        # coordinates per sample: the one-sample forward's (the batch need not be the first dim:
+        # attention's [3, B, heads, N, d]; a tuple: all its tensors; a bool or size: 1)
+        size = lambda n: sum(t.numel() for t in opengine.tensors_of(env[n])) \
+            if isinstance(env[n], (torch.Tensor, tuple, list)) else 1  # noqa: E731
         stored = B * item * (size(prog.traced.x) + sum(size(s.node) for s in prog.steps if not opengine.view_like(s)))
+        # The ops whose output reaches the loss through values that get a target, as the
+        # engines walk them back from the output.
+        reached = {prog.traced.out}
+        for s in reversed(prog.steps):
+            if s.node in reached:
+                reached.update(a for a in s.inputs if prog.wants_target(a, env[a]))
         # Targets alive while op s is probed: its own, and those of earlier values an op at or
         # after s reads (a skip connection's target waits for the block's input).
         shared = prog.traced.shared  # the same for every sample (a causal mask): no target
-        steps = [s for s in prog.steps if shapes[s.index] is not None and s.node not in shared]
+        steps = [s for s in prog.steps if shapes[s.index] is not None and s.node not in shared and s.node in reached]
         last_read = {}
         for s in steps:
             for a in s.inputs:
@@ -807,20 +817,23 @@ class HZO(StageEstimator):
         for k, s in enumerate(reversed(steps)):
             n_out = size(s.node)
             ins = [a for a in s.inputs if prog.wants_target(a, env[a])]
-            n_in = sum(size(a) for a in ins)
+            # what the op reads of each: an item of a tuple (q of q, k, v = qkv.unbind(0)) is its output
+            read = {a: size(s.node) if isinstance(env[a], (tuple, list)) else size(a) for a in ins}
+            n_in = sum(read.values())
             pending = n_out + sum(size(a) for a, r in last_read.items() if pos[a] < s.index <= r)
             targets = B * item * pending
             if s.entry.kind == "affine":  # the VJP's result and its sum into the input's target
-                how, probes, peak = "folded", n_in, targets + 2 * B * item * n_in
+                how, probes, folded, peak = "folded", n_in, n_in, targets + 2 * B * item * n_in
             elif opengine.fused_elementwise(s, self.spp) and ins:
-                how, probes = "elementwise", 1
+                how, probes, folded = "elementwise", 1, 0
                 peak = targets + B * item * n_out * (2 if s.entry.kernel is not None else 5)
             else:  # the inputs it is affine in fold (counted as a dense probe would), the others are probed
                 probed = [a for a in ins if a not in s.folds]
                 fused = [a for a in probed if opengine.fused_probe(s, a) is not None]  # a layer norm's input
                 probed = [a for a in probed if a not in fused]
                 colorings = [self._op_coloring(s, a, shapes[pos[a]], shapes[s.index]) for a in probed]
-                probes = sum(c.num_colors for c in colorings) + sum(size(a) for a in ins if a in s.folds) + len(fused)
+                folded = sum(read[a] for a in ins if a in s.folds)
+                probes = sum(c.num_colors for c in colorings) + folded + len(fused)
                 how = "no target" if not ins else "folded" if not (probed or fused) else \
                     "fused" if not probed else \
                     "dense" if all(isinstance(c, spp_geometry.DenseColoring) for c in colorings) else "SPP"
@@ -838,7 +851,7 @@ class HZO(StageEstimator):
                 peak = targets + c * per_probe + 2 * B * item * n_in
             queries = 2 * (n_in if how == "folded" else probes)
             splits.append(Split(s.index - 1, s.index - 1, s.index, k, probes, queries,
-                                chunks if how.startswith(("dense", "SPP")) else 1, peak, how == "dense", how))
+                                chunks if how.startswith(("dense", "SPP")) else 1, peak, how == "dense", how, folded))
         for s in prog.steps:
             src = ", ".join(f"a_{pos[a]}" for a in s.inputs) or "constants"
             names.append(f"op {s.index} ({s.label}, {s.entry.kind}) of {src}")
@@ -860,7 +873,7 @@ class HZO(StageEstimator):
             plan_key = key + (self.eps, self.eps_mode, self.chunk_size, self.spp, self.memory_budget)
             if plan_key not in self._op_plans:  # refuses a plan over the memory budget before anything runs
                 self._op_plans[plan_key] = self._ops_plan(x)
-            chunks = self._op_plans[plan_key][1]
+            plan, chunks = self._op_plans[plan_key]
             prog = self._ops
             first = self.check_samples and key not in self._dynamic_checked
             if first:  # before the clean forward, so its memory is free again when that runs
@@ -932,8 +945,13 @@ class HZO(StageEstimator):
                                      f"(the C++ engine); lower eps or check the model (overflow)")
                 for k in ("probes", "fd_layer_evals", "splits"):
                     setattr(self.last_stats, k, getattr(self.last_stats, k) + out[k])
+                # C++ runs each item of a tuple op as one step standing for the op and its getitem
+                self.last_stats.splits += sum(sp.j in cpp.tuple_ops for sp in plan.splits)
                 self.last_stats.forward_calls = out["python_calls"]  # as the stage-wise C++ executor counts
             else:
                 opengine.OpRun(self, prog, chunks).targets(env, local, delta)
+            folded = sum(sp.folded for sp in plan.splits)  # what the folds stand for: dense probes of their inputs
+            self.last_stats.probes += folded
+            self.last_stats.fd_layer_evals += 2 * folded
         self.last_stats.seconds = time.perf_counter() - t0
         return loss.detach()

@@ -619,9 +619,10 @@ class CppOps:
     probed as the registry says (``opengine.OpRun`` is the same algorithm in Python). ``build``
     returns None, with the reason, where the C++ engine cannot run the program."""
 
-    def __init__(self, core, program, slots: dict, consts: dict, fixed: dict, labels: list):
+    def __init__(self, core, program, slots: dict, consts: dict, fixed: dict, labels: list, tuple_ops: set):
         self.core, self.program, self.slots, self.consts, self.fixed = core, program, slots, consts, fixed
         self.labels = labels  # of the C++ steps, in order
+        self.tuple_ops = tuple_ops  # indices of the affine tuple ops run as their items' steps
 
     @staticmethod
     def build(est, program, x: torch.Tensor, chunks: dict):
@@ -717,7 +718,7 @@ class CppOps:
                                    alpha, beta, list(s.params), probes, chunks.get(n, est.chunk_size),
                                    math.prod(out.shape[1:]), labels[-1], fused, fused_input))
         core = _C.OpExecutor(steps, len(slots), slots[t.out], est.eps, est.eps_mode == "relative")
-        return CppOps(core, program, slots, consts, fixed, labels), None
+        return CppOps(core, program, slots, consts, fixed, labels, {s.index for s in tuples.values()}), None
 
     @staticmethod
     def _lowered(program, s, inputs: list, consts: dict, env: dict, batch: int, on_copies: bool):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import operator
 import sys
 import types
@@ -39,7 +40,8 @@ _META_FUNCTIONS = {getattr, len, operator.getitem, torch.numel}
 # (timm's ``_assert(H == self.img_size[0], ...)``).
 _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                     operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-                    operator.not_, operator.and_, operator.or_, operator.pow, torch._assert}
+                    operator.not_, operator.and_, operator.or_, operator.pow, torch._assert,
+                    math.sqrt, math.ceil, math.floor}  # 1 / math.sqrt(k.size(-1)) scales attention
 # Attributes that are sizes or settings of a tensor (x.mT, x.T, x.real are tensors: not meta).
 _META_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
 

@@ -18,7 +18,8 @@ finite differences on a ``BlackBox``'s own parameters.
 
 ``fd_layer_evals`` counts what a dense probe of each op would query (2 per input coordinate;
 1 probe of an elementwise op: 2), so counts compare with the stage-wise engines and the
-baselines; the plan says how each op was probed.
+baselines; the plan says how each op was probed, and counts what the folds stand for
+(``Split.folded``, added to the probes an engine ran).
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def _is_inplace(n: fx.Node, module) -> bool:
         t in (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
-def _tensors(v):
+def tensors_of(v):
     """The tensors of a value (a tensor, or a tuple/list of them) in order."""
     return [v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]
 
@@ -184,6 +185,19 @@ class OpProgram:
         get = lambda a: swap[a] if a in swap else env[a]  # noqa: E731
         return fx.node.map_arg(n.args, get), fx.node.map_arg(n.kwargs, get)
 
+    def _masks(self, s: OpStep, env) -> bool:
+        """The op's -inf outputs are masked entries, not an overflow: its entry says so
+        (masked_fill), or it is affine and a tensor without a target brings the -inf in (scores
+        plus a float causal mask)."""
+        if s.entry.masks:
+            return True
+        if s.entry.kind != "affine":
+            return False
+        probed = {id(env[a]) for a in s.inputs if self.wants_target(a, env[a])}
+        args, kwargs = self._args(s.node, env)
+        return any(isinstance(v, torch.Tensor) and id(v) not in probed and v.is_floating_point() and
+                   bool((v == -math.inf).any()) for v in _flat(list(args) + list(kwargs.values())))
+
     def forward(self, x: torch.Tensor, keep_vjp: bool = True):
         """The clean forward: every node's value (``env``) and, per affine op or op with trainable
         parameters, its output with a local autograd graph and the leaves standing for its
@@ -202,7 +216,7 @@ class OpProgram:
             args, kwargs = self._args(n, env, swap)
             with torch.set_grad_enabled(vjp):
                 out = self._call(n, args, kwargs)
-            if not isinstance(out, (torch.Tensor, tuple, list)) or not _tensors(out):
+            if not isinstance(out, (torch.Tensor, tuple, list)) or not tensors_of(out):
                 env[n] = out  # a bool or size from an assert or a shape check: no target
                 continue
             if isinstance(out, (tuple, list)) and any(isinstance(o, (tuple, list)) for o in out):
@@ -241,7 +255,8 @@ class OpProgram:
         again, _ = self.forward(x.clone(), keep_vjp=False)
         for s in self.steps:
             a, b = rows_of(env[s.node]), again[s.node]
-            if a is not None and not (torch.isfinite(a) | (a == -math.inf if s.entry.masks else False)).all():
+            if a is not None and not bool(torch.isfinite(a).all()) and \
+                    not (self._masks(s, env) and bool((torch.isfinite(a) | (a == -math.inf)).all())):
                 raise ValueError(f"op {s.index} ({s.label}) gives non-finite values (inf/nan) in the clean forward "
                                  f"of the input (an overflow, or a softmax over a row masked whole: check the "
                                  f"model, its masks and the input's scale)")
@@ -271,7 +286,7 @@ class OpProgram:
         """Per-sample shapes of a_0 (x) and every op's output (tuples: the first tensor's; a bool
         or size: None)."""
         def shape(v):
-            t = _tensors(v) if isinstance(v, (torch.Tensor, tuple, list)) else []
+            t = tensors_of(v) if isinstance(v, (torch.Tensor, tuple, list)) else []
             return tuple(t[0].shape[1:]) if t else None
         return [shape(env[self.traced.x])] + [shape(env[s.node]) for s in self.steps]
 
@@ -403,9 +418,7 @@ class OpRun:
         # op's own saved tensors go with its output, dropped after this call
         grads = torch.autograd.grad([o for o, _ in pairs], inputs, [ti.to(o.dtype) for o, ti in pairs],
                                     allow_unused=True, retain_graph=True)
-        self._leaves.append((s.params, grads[len(flat):]))
-        n_in = sum(math.prod(leaf.shape[1:]) for _, _, leaf in flat)
-        self._count(n_in, 2 * n_in)  # what a dense probe would query; the fold needs none
+        self._leaves.append((s.params, grads[len(flat):]))  # (counted by the plan: Split.folded)
         return [(a, i, g) for (a, i, _), g in zip(flat, grads[:len(flat)]) if g is not None]
 
     def _probe_elementwise(self, s: OpStep, env, t) -> torch.Tensor:
@@ -454,7 +467,7 @@ class OpRun:
         others = [b for b in s.inputs if b is not a_node]
 
         def items(v):
-            return [v[i] for i in read] if read is not None else _tensors(v)
+            return [v[i] for i in read] if read is not None else tensors_of(v)
         tq = q(torch.cat([ti.reshape(ti.shape[0], -1) for ti in items(t)], 1)) if not isinstance(t, torch.Tensor) \
             else q(t)
 
@@ -480,7 +493,7 @@ class OpRun:
             probe, tensors = fused
             self._count(1, 2)
             return probe(a_q, tq, eps, *(q(env[w] if isinstance(w, fx.Node) else w) for w in tensors))
-        coloring = est._op_coloring(s, a_node, tuple(a.shape[1:]), tuple(_tensors(env[s.node])[0].shape[1:]))
+        coloring = est._op_coloring(s, a_node, tuple(a.shape[1:]), tuple(tensors_of(env[s.node])[0].shape[1:]))
         chunk = self.chunks.get(s.node, est.chunk_size)  # from the memory budget (the plan)
         delta = probe_targets(run_right, a_q, tq, eps, chunk, coloring, what=s.label, nvtx=f"hzo/op{s.index}")
         self._count(coloring.num_colors, 2 * coloring.num_colors)
@@ -491,7 +504,7 @@ class OpRun:
         time, +-eps through the op on the whole batch, contracted over every sample."""
         est, q = self.est, self.est._qcast
         a = q(env[a_node])
-        eps, flat_t = est._step(a), torch.cat([q(ti).reshape(-1) for ti in _tensors(t)])
+        eps, flat_t = est._step(a), torch.cat([q(ti).reshape(-1) for ti in tensors_of(t)])
         g = torch.zeros(a.numel(), dtype=a.dtype, device=a.device)
         for k in range(a.numel()):
             ys = []
@@ -499,7 +512,7 @@ class OpRun:
                 moved = a.clone(memory_format=torch.contiguous_format)  # a transposed a keeps its strides else
                 moved.view(-1)[k] += sign * eps
                 args, kwargs = self._query_args(s, env, {a_node: moved})
-                ys.append(torch.cat([o.reshape(-1) for o in _tensors(self.p._call(s.node, args, kwargs,
+                ys.append(torch.cat([o.reshape(-1) for o in tensors_of(self.p._call(s.node, args, kwargs,
                                                                                    self._qmodule(s)))]))
             g[k] = ((ys[0] - ys[1]) * flat_t).sum() / (2 * eps)
         self.stats.forward_calls += 2 * a.numel()

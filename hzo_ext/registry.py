@@ -204,12 +204,17 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 _LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 
 
+def _causal_keep(like: torch.Tensor) -> torch.Tensor:
+    """The causal mask for scores or masks like ``like`` [..., L, S]: True where key j <= query i."""
+    return torch.ones(like.shape[-2:], dtype=torch.bool, device=like.device).tril()
+
+
 def causal_as_hinted(mask: torch.Tensor) -> torch.Tensor:
     """``mask`` (an ``nn.MultiheadAttention`` attn_mask [.., L, S]) when it is the causal mask:
     ``is_causal=True`` beside it is torch's hint that it is, and torch then runs its causal
     kernel or the mask depending on the path (grad mode, need_weights, its fast path), so any
     other mask leaves the model without one function to differentiate (a ValueError)."""
-    keep = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+    keep = _causal_keep(mask)
     causal = keep.logical_not() if mask.dtype == torch.bool else \
         torch.zeros(keep.shape, dtype=mask.dtype, device=mask.device).masked_fill(keep.logical_not(), -math.inf)
     if not bool((mask == causal).all()):
@@ -227,7 +232,7 @@ def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None = None, causal
     True entries are the ones masked; a 3-d mask [B * heads, L, S] is [B, heads, L, S]).
     Affine in the scores (a decomposed attention folds it)."""
     if causal:
-        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        mask = _causal_keep(scores)
     elif as_mha and mask.dim() == 3:
         mask = mask.unflatten(0, (-1, scores.shape[-3]))
     if mask.dtype == torch.bool:

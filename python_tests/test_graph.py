@@ -634,7 +634,8 @@ def test_engines_agree_with_the_reference(name):
     """The default op-level engine (C++ where it runs, and Python) against the plain reference
     cut at every op (chain); the stage-wise engines (Python and C++) against the reference cut at
     the same stages; float64, eps=1e-3 (the same finite differences on both sides, so only
-    round-off differs)."""
+    round-off differs). Each engine's counts are its plan's (they differed on the ViT and the
+    encoder: tuple items, attention's [3, B, ...] read per sample as [B, ...])."""
     from hzo_ext import executor as cpp_executor, reference
     model, (x, y) = next((m, b) for n, m, b in _suite_models() if n == name)
     loss = nn.CrossEntropyLoss()
@@ -650,7 +651,11 @@ def test_engines_agree_with_the_reference(name):
             warnings.simplefilter("ignore")
             est = hzo_ext.HZO(model, loss, eps=1e-3, **kw)
             est.backward(x, y)
+            plan = est.plan(x)
         assert est.engine == engine
+        stats = est.last_stats  # what ran is what the plan says (folds: as dense probes would count)
+        assert (stats.probes, stats.fd_layer_evals, stats.splits) == \
+            (plan.probes, plan.fd_layer_evals, len(plan.splits)), (kw, est.executor)
         if not kw:  # the default: in C++ with the extension, unless an op rules it out (executor_reason)
             in_cpp = est.executor == "cpp"
             assert in_cpp == (ext and est.executor_reason is None), est.executor_reason
@@ -897,31 +902,64 @@ def test_float_ids_made_integers_inside_the_model_are_pointed_to_integer_ids():
 # ---- found by hostile testing of masks, fused softmax, ids and stop-gradients (/tmp/hostile7) ----
 
 class ScoresMaskedByHand(nn.Module):
-    """nanoGPT's attention: scores.masked_fill(causal == 0, -inf).softmax(-1) @ v (the -inf was
-    refused as an overflow; masked_fill was probed densely)."""
+    """Causal attention written by hand: nanoGPT's scores.masked_fill(causal == 0, -inf) (the
+    -inf was refused as an overflow; masked_fill was probed densely), or scores plus a float
+    mask of -inf above the diagonal: a buffer, one made in forward, or torch's
+    generate_square_subsequent_mask (the sum's -inf was refused as an overflow), scaled by
+    1 / math.sqrt(k.size(-1)) (a float the C++ engine could not take)."""
 
-    def __init__(self):
+    def __init__(self, how="masked_fill"):
         super().__init__()
-        self.qkv, self.head = nn.Linear(6, 24), nn.Linear(8, 3)
+        self.qkv, self.head, self.how = nn.Linear(6, 24), nn.Linear(8, 3), how
         self.register_buffer("causal", torch.ones(5, 5).tril())
+        self.register_buffer("minus_inf_above", torch.full((5, 5), float("-inf")).triu(1))
 
     def forward(self, x):  # [B, 5, 6]
         q, k, v = self.qkv(x).split(8, dim=-1)
-        scores = (q @ k.transpose(-2, -1)) * 8 ** -0.5
-        att = scores.masked_fill(self.causal == 0, float("-inf")).softmax(dim=-1)
-        return self.head((att @ v)[:, -1])
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        if self.how == "masked_fill":
+            scores = scores.masked_fill(self.causal == 0, float("-inf"))
+        elif self.how == "add_buffer":
+            scores = scores + self.minus_inf_above
+        elif self.how == "add_made":
+            scores = scores + torch.full((x.size(1), x.size(1)), float("-inf"), dtype=x.dtype).triu(1)
+        else:
+            scores = scores + nn.Transformer.generate_square_subsequent_mask(x.size(1), dtype=x.dtype)
+        return self.head((scores.softmax(dim=-1) @ v)[:, -1])
 
 
-def test_scores_masked_by_hand_with_minus_inf():
+@pytest.mark.parametrize("how", ["masked_fill", "add_buffer", "add_made", "add_generated"])
+def test_scores_masked_by_hand_with_minus_inf(how):
     from test_opengine import _engines_equal_the_reference
     torch.manual_seed(0)
-    model = ScoresMaskedByHand().double()
+    model = ScoresMaskedByHand(how).double()
     x, y = torch.randn(3, 5, 6, dtype=torch.float64), torch.tensor([0, 2, 1])
     est = _check(model, x, y)
     assert "dense" not in [s.how for s in est.plan(x).splits]
     if hzo_ext.has_extension():
         assert est.executor == "cpp" and est.last_stats.forward_calls == 0
     _engines_equal_the_reference(model, x, y)
+
+
+def test_minus_inf_from_an_overflow_in_a_sum_is_refused():
+    """A sum's -inf is a mask only when a tensor without a target brings it in; here both
+    addends are finite and the sum overflows."""
+    class Overflow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) * 1e308 - torch.full((x.size(1) - 1,), 1e308, dtype=x.dtype)
+
+    torch.manual_seed(0)
+    model = Overflow().double()
+    with torch.no_grad():
+        model.lin.bias.fill_(-1.0)
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    for kw in ({}, {"executor": "python"}):
+        with pytest.raises(ValueError, match=r"op \d+ \(sub_1\) gives non-finite values"):
+            hzo_ext.HZO(model, nn.CrossEntropyLoss(), **kw).backward(x, torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("module", ["encoder", "layer", "mha"])

@@ -256,7 +256,7 @@ class Quantised(nn.Module):
         return self.b(quantise(self.a(x)))
 
 
-def test_a_registered_elementwise_op_is_probed_colored_and_checked():
+def test_a_registered_elementwise_op_is_lowered_probed_colored_and_checked():
     model = Quantised().double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     before = hzo_ext.HZO(model, LOSS, eps=0.05).plan(x)
@@ -267,6 +267,8 @@ def test_a_registered_elementwise_op_is_probed_colored_and_checked():
         plan = est.plan(x)
         assert "elementwise" in [s.how for s in plan.splits] and "dense" not in [s.how for s in plan.splits]
         est.backward(x, y)
+        if hzo_ext.has_extension():  # lowered: the C++ engine runs the recorded call, no Python
+            assert est.executor == "cpp" and est.last_stats.forward_calls == 0
         g_fused = model.a.weight.grad.clone()
         # the same finite differences, dense: zeroth order through the step function
         model.zero_grad(set_to_none=True)

@@ -23,13 +23,6 @@ at::Tensor probe_elementwise_op(const at::Tensor& z, const at::Tensor& target, d
   return op.call(z, target, eps, act, alpha, beta);
 }
 
-// Coordinates per sample (1 for a tensor without a batch dimension), as hzo_ext/opengine.py counts them.
-int64_t per_sample(const at::Tensor& v) {
-  int64_t n = 1;
-  for (int64_t d = 1; d < v.dim(); ++d) n *= v.size(d);
-  return n;
-}
-
 // Its target comes from the op's VJP (the Python side flags every input of an affine op and the
 // inputs a probed op is affine in).
 bool folded(const OpStep& s, size_t k) { return s.folds[k]; }
@@ -228,17 +221,13 @@ OpOutcome OpExecutor::targets(const at::Tensor& delta_out) {
       if (!wrt.empty() && local_[i].requires_grad()) {
         auto g = torch::autograd::grad({local_[i]}, wrt, {ti.to(local_[i].scalar_type())}, /*retain_graph=*/true,
                                        /*create_graph=*/false, /*allow_unused=*/true);
-        size_t leaf = 0;
-        int64_t n_in = 0;
+        size_t leaf = 0;  // (the plan counts what a fold stands for: hzo_ext Split.folded)
         for (size_t k = 0; k < s.inputs.size(); ++k) {
           if (!s.wants[k] || !folded(s, k)) continue;
-          n_in += per_sample(values_[s.inputs[k]]);
           if (g[leaf].defined()) got.emplace_back(s.inputs[k], g[leaf]);
           ++leaf;
         }
         param_grads.assign(g.begin() + leaf, g.end());
-        out.probes += n_in;  // what a dense probe would query; the fold needs none
-        out.fd_layer_evals += 2 * n_in;
       }
     }
     if (s.mode == OpMode::Elementwise || s.mode == OpMode::ElementwiseCall) {
