@@ -123,7 +123,9 @@ class OpProgram:
             if entry.kind == "affine" and len(affine_in) < len(inputs):  # a / b, b depending on x: a folds
                 entry = dataclasses.replace(entry, kind="probed")
             own = list(module.parameters()) if module is not None else []
-            own += [params[c.target] for c in self._constants_of(n) if c.target in params]
+            for c in self._constants_of(n):
+                own += list(self.model.get_submodule(c.target).parameters()) if c.op == "call_module" else \
+                    [params[c.target]] if c.target in params else []
             own = tuple(p for p in dict.fromkeys(own) if p.requires_grad)
             if entry.kind == "elementwise" and own:
                 entry = OpEntry("probed")  # e.g. clamp(h, min=parameter): the parameter needs its leaf
@@ -145,14 +147,15 @@ class OpProgram:
                     raise Unsupported(f"{s.label} writes {first.name} in place and {later[0].name} reads it after")
 
     def _constants_of(self, n: fx.Node):
-        """get_attr nodes among n's constant (x-independent) ancestors."""
+        """get_attr and module-call nodes among n's constant (x-independent) ancestors (a
+        position embedding of arange(T) is trained through the op that reads it)."""
         seen, todo = set(), [a for a in n.all_input_nodes if a not in self.state]
         while todo:
             c = todo.pop()
             if c in seen:
                 continue
             seen.add(c)
-            if c.op == "get_attr":
+            if c.op in ("get_attr", "call_module"):
                 yield c
             todo += [a for a in c.all_input_nodes if a not in self.state]
 

@@ -1048,3 +1048,37 @@ def test_the_stop_gradient_warning_points_at_the_users_line():
         hzo_ext.HZO(Stopped(), nn.CrossEntropyLoss())
     stops = [w for w in seen if "autograd instructions" in str(w.message)]
     assert stops and all(w.filename == __file__ for w in stops), [(w.filename, w.lineno) for w in stops]
+
+
+# ---- found by hostile testing of a model zoo (/tmp/hostile8) -------------------------------------
+
+class ConstantBranches(nn.Module):
+    """Modules called on inputs that do not depend on x: a position embedding of arange(T) or of
+    a buffer, and one Linear called on the activations and on a learned query (their
+    parameters got no gradient, or half of it: q.bias at 0.5 of its norm)."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.wte, self.wpe, self.q, self.head = nn.Embedding(11, 8), nn.Embedding(6, 8), nn.Linear(8, 8), \
+            nn.Linear(8, 3)
+        self.query = nn.Parameter(torch.randn(8))
+        self.register_buffer("pos", torch.arange(6))
+
+    def forward(self, idx):
+        pos = torch.arange(6) if self.variant == "arange" else self.pos
+        h = torch.tanh(self.wte(idx) + self.wpe(pos))
+        h = self.q(h) + self.q(self.query)
+        return self.head(torch.tanh(h)[:, -1])
+
+
+@pytest.mark.parametrize("executor", ["python", "auto"])
+@pytest.mark.parametrize("variant", ["arange", "buffer"])
+def test_modules_called_on_constants_get_their_gradient(variant, executor):
+    torch.manual_seed(0)
+    model = ConstantBranches(variant).double()
+    x, y = torch.randint(0, 11, (3, 6)), torch.tensor([0, 1, 2])
+    ref = hzo_ext.reference_named_grads(model, nn.CrossEntropyLoss(), x, y)
+    _check(model, x, y, executor=executor)
+    for name, g in hzo_ext.named_grads(model).items():  # the norm too: a cosine cannot see a halved bias
+        torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-8)
